@@ -1,0 +1,147 @@
+"""UniAD JSON-lines manifests: one record per image, paths relative to the dataset root.
+
+UniAD's data loaders read ``{"filename", "label", "label_name", "maskname", "clsname"}`` lines;
+keeping that exact format lets configs and manifests move between this framework and UniAD.
+Errors name file and line because a hand-edited manifest with one bad line is the usual failure.
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+REQUIRED_KEYS = ("filename", "label", "clsname")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MASK_SUFFIX = "_mask"
+
+
+def _check_record(rec, where):
+    """Validate one record; ``where`` is a 'file, line N' prefix for the message."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for key in REQUIRED_KEYS:
+        if key not in rec:
+            raise ValueError(f"{where}: missing required key '{key}' "
+                             f"(required: {', '.join(REQUIRED_KEYS)})")
+    for key in ("filename", "clsname"):
+        if not isinstance(rec[key], str) or not rec[key]:
+            raise ValueError(f"{where}: '{key}' must be a non-empty string, got {rec[key]!r}")
+    label = rec["label"]
+    # bool is an int subclass; JSON true would silently read as label 1.
+    if isinstance(label, bool) or label not in (0, 1):
+        raise ValueError(f"{where}: 'label' must be 0 (good) or 1 (defective), got {label!r}")
+    for key in ("label_name", "maskname"):
+        if key in rec and rec[key] is not None and not isinstance(rec[key], str):
+            raise ValueError(f"{where}: '{key}' must be a string, got {rec[key]!r}")
+
+
+def read_manifest(path):
+    """Read a UniAD JSON-lines manifest into a list of dicts (blank lines are skipped)."""
+    path = Path(path)
+    records = []
+    with open(path, "r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            _check_record(rec, where)
+            records.append(rec)
+    return records
+
+
+def write_manifest(path, records):
+    """Write records as JSON lines atomically, so a crash never leaves a truncated manifest."""
+    path = Path(path)
+    records = list(records)
+    for i, rec in enumerate(records):
+        _check_record(rec, f"record {i} for {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _images(folder):
+    """Image files of a folder, sorted by name so record order does not depend on the filesystem."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _rel(path, root):
+    return path.relative_to(root).as_posix()
+
+
+def _find_mask(root, cls, defect, image):
+    """UniAD/MVTec convention: ground_truth/<defect>/<stem>_mask.png (other extensions tolerated)."""
+    gt_dir = root / cls / "ground_truth" / defect
+    for ext in (".png", image.suffix, image.suffix.lower()):
+        cand = gt_dir / f"{image.stem}{MASK_SUFFIX}{ext}"
+        if cand.is_file():
+            return cand
+    return None
+
+
+def build_mvtec_records(root, classes=None):
+    """Scan an MVTec-AD-layout tree into UniAD (train_records, test_records).
+
+    ``classes=None`` takes every folder with a ``train`` subfolder, so extra files or folders in
+    the root (manifests, READMEs) are ignored rather than mistaken for classes.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root not found: {root}")
+    available = sorted(p.name for p in root.iterdir()
+                       if p.is_dir() and (p / "train").is_dir())
+    if classes is None:
+        if not available:
+            raise ValueError(f"no class folders (folders with a 'train' subfolder) in {root}")
+        classes = available
+    else:
+        if isinstance(classes, str):
+            classes = [classes]
+        classes = list(classes)
+        unknown = [c for c in classes if c not in available]
+        if unknown:
+            raise ValueError(f"unknown class(es) {unknown} in {root}; available: {available}")
+
+    train, test = [], []
+    for cls in classes:
+        train_dir = root / cls / "train"
+        good_dirs = [train_dir / "good"] if (train_dir / "good").is_dir() else []
+        train_imgs = [p for d in good_dirs for p in _images(d)]
+        if not train_imgs:
+            raise ValueError(f"class '{cls}' has no training images in {train_dir / 'good'}")
+        for p in train_imgs:
+            train.append({"filename": _rel(p, root), "label": 0,
+                          "label_name": "good", "clsname": cls})
+
+        test_dir = root / cls / "test"
+        if not test_dir.is_dir():
+            continue
+        for sub in sorted(d for d in test_dir.iterdir() if d.is_dir()):
+            good = sub.name == "good"
+            for p in _images(sub):
+                rec = {"filename": _rel(p, root), "label": 0 if good else 1,
+                       "label_name": "good" if good else "defective"}
+                if not good:
+                    mask = _find_mask(root, cls, sub.name, p)
+                    if mask is not None:
+                        rec["maskname"] = _rel(mask, root)
+                rec["clsname"] = cls
+                test.append(rec)
+    return train, test

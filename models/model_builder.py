@@ -1,0 +1,122 @@
+"""Builds the ``net:`` list into one module that runs UniAD's dict pipeline.
+
+Each entry is ``{name, type, prev, frozen, kwargs}``. ``prev`` hands the earlier module's
+``get_outplanes()/get_outstrides()`` over as ``inplanes/instrides``; ``feature_size`` is derived
+from the input size for heads that need it. Frozen modules stay in eval mode with no gradients.
+"""
+import difflib
+import inspect
+
+import torch
+import torch.nn as nn
+
+from models.registry import MODELS
+
+
+class NetBuildError(ValueError):
+    pass
+
+
+def _accepted(fn):
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    params = inspect.signature(target).parameters
+    names = [p for p in params if p != "self"]
+    var_kw = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return names, var_kw
+
+
+def build_module(entry, context, index):
+    type_name = entry.get("type")
+    name = entry.get("name", f"net.{index}")
+    try:
+        factory = MODELS.get(type_name)
+    except KeyError as exc:
+        raise NetBuildError(f"net.{index} ('{name}'): {exc.args[0]}") from None
+    kwargs = dict(entry.get("kwargs") or {})
+    names, var_kw = _accepted(factory)
+    for key, value in context.items():
+        if key in names and key not in kwargs:
+            kwargs[key] = value
+    if not var_kw:
+        for key in kwargs:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise NetBuildError(f"net.{index} ('{name}', {type_name}): unknown kwarg "
+                                    f"'{key}'{hint} (accepted: {', '.join(names)})")
+    try:
+        return factory(**kwargs)
+    except TypeError as exc:
+        raise NetBuildError(f"net.{index} ('{name}', {type_name}): {exc}") from None
+
+
+class ModelHelper(nn.Module):
+    """The whole network: modules in order, each adding keys to the shared input dict."""
+
+    def __init__(self, net_cfg, input_size=None, frozen_layers=()):
+        super().__init__()
+        self.module_names = []
+        self.frozen = set(frozen_layers or ())
+        built = {}
+        for i, entry in enumerate(net_cfg):
+            context = {}
+            prev = entry.get("prev")
+            if prev is not None:
+                if prev not in built:
+                    raise NetBuildError(f"net.{i} ('{entry.get('name')}'): prev '{prev}' names "
+                                        f"no earlier module ({', '.join(built) or 'none'})")
+                context["inplanes"] = list(built[prev].get_outplanes())
+                context["instrides"] = list(built[prev].get_outstrides())
+                if input_size is not None:
+                    stride = context["instrides"][0]
+                    if input_size[0] % stride or input_size[1] % stride:
+                        raise NetBuildError(
+                            f"dataset.input_size {list(input_size)} is not divisible by the "
+                            f"stride {stride} of '{prev}' feeding net.{i} ('{entry.get('name')}')")
+                    context["feature_size"] = [input_size[0] // stride, input_size[1] // stride]
+            if input_size is not None:
+                context["input_size"] = list(input_size)
+            module = build_module(entry, context, i)
+            name = entry["name"]
+            built[name] = module
+            self.add_module(name, module)
+            self.module_names.append(name)
+            if entry.get("frozen"):
+                self.frozen.add(name)
+        for name in self.frozen:
+            for p in getattr(self, name).parameters():
+                p.requires_grad_(False)
+        # frozen modules before the first trainable one need no autograd graph at all
+        self.no_grad_prefix = set()
+        for name in self.module_names:
+            if name not in self.frozen:
+                break
+            self.no_grad_prefix.add(name)
+        self.train()
+
+    def train(self, mode=True):
+        super().train(mode)
+        for name in self.frozen:
+            getattr(self, name).eval()
+        return self
+
+    @property
+    def pixel_mean(self):
+        return getattr(getattr(self, self.module_names[0]), "pixel_mean", None)
+
+    @property
+    def pixel_std(self):
+        return getattr(getattr(self, self.module_names[0]), "pixel_std", None)
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, input):
+        data = dict(input)
+        for name in self.module_names:
+            if name in self.no_grad_prefix:
+                with torch.no_grad():
+                    data.update(getattr(self, name)(data))
+            else:
+                data.update(getattr(self, name)(data))
+        return data

@@ -1,0 +1,2 @@
+"""Necks: align multi-stage backbone features into one map."""
+from models.necks.mfcn import MFCN  # noqa: F401

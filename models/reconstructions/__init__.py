@@ -1,0 +1,2 @@
+"""Reconstruction heads: UniAD and DuMeNet's dual-memory extension."""
+from models.reconstructions.uniad import UniAD  # noqa: F401

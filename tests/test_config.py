@@ -1,0 +1,139 @@
+"""Config loading: _base_ merging, --opts overrides, path resolution and validation errors."""
+import textwrap
+
+import pytest
+
+from utils.config import ConfigError, load_config, merge_dicts
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path):
+    write(tmp_path / "base" / "a.yaml", """
+        random_seed: 1
+        dataset:
+          input_size: [224, 224]
+          batch_size: 8
+          image_reader: {type: opencv, kwargs: {image_dir: imgs, color_mode: RGB}}
+        trainer: {max_epoch: 10, optimizer: {type: AdamW, kwargs: {lr: 0.1}}}
+        """)
+    write(tmp_path / "base" / "b.yaml", """
+        random_seed: 2
+        trainer: {max_epoch: 20, val_freq_epoch: 5}
+        """)
+    cfg = write(tmp_path / "exp" / "config.yaml", """
+        _base_: [../base/a.yaml, ../base/b.yaml]
+        dataset:
+          batch_size: 4
+          train: {meta_file: train.json}
+        net:
+          - {name: backbone, type: models.backbones.resnet18, kwargs: {pretrained: true}}
+          - {name: neck, prev: backbone, type: models.necks.MFCN, kwargs: {outstrides: [16]}}
+        """)
+    return tmp_path, cfg
+
+
+def test_bases_merge_in_order_then_own_keys(tree):
+    root, path = tree
+    cfg = load_config(path)
+    assert cfg.random_seed == 2                      # b after a
+    assert cfg.trainer.max_epoch == 20               # b overrides a
+    assert cfg.trainer.optimizer.kwargs.lr == 0.1    # a's nested key survives the deep merge
+    assert cfg.trainer.val_freq_epoch == 5
+    assert cfg.dataset.batch_size == 4               # own key last
+    assert cfg.dataset.input_size == [224, 224]
+
+
+def test_relative_paths_resolve_against_the_defining_file(tree):
+    root, path = tree
+    cfg = load_config(path)
+    assert cfg.dataset.image_reader.kwargs.image_dir == str((root / "base" / "imgs").resolve())
+    assert cfg.dataset.train.meta_file == str((root / "exp" / "train.json").resolve())
+
+
+def test_overrides_are_yaml_typed_and_index_lists(tree):
+    _, path = tree
+    cfg = load_config(path, ["trainer.max_epoch=3", "net.0.kwargs.pretrained=false",
+                             "dataset.input_size=[128, 96]", "trainer.clip_max_norm=0.5",
+                             "net.1.kwargs.outstrides=[8]"])
+    assert cfg.trainer.max_epoch == 3 and isinstance(cfg.trainer.max_epoch, int)
+    assert cfg.net[0].kwargs.pretrained is False
+    assert cfg.dataset.input_size == [128, 96]
+    assert cfg.trainer.clip_max_norm == 0.5
+    assert cfg.net[1].kwargs.outstrides == [8]
+
+
+def test_override_path_resolves_against_cwd(tree, monkeypatch):
+    root, path = tree
+    monkeypatch.chdir(root)
+    cfg = load_config(path, ["dataset.train.meta_file=data/t.json"])
+    assert cfg.dataset.train.meta_file == str((root / "data" / "t.json").resolve())
+
+
+@pytest.mark.parametrize("opt, message", [
+    ("net.5.kwargs.pretrained=false", "index 5 out of range"),
+    ("net.x.kwargs=1", "indexes a list"),
+    ("trainer.max_epoch", "must look like"),
+])
+def test_bad_overrides(tree, opt, message):
+    _, path = tree
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [opt])
+
+
+def test_misspelled_key_suggests_closest(tree):
+    _, path = tree
+    with pytest.raises(ConfigError, match=r"unknown key 'trainer.max_epochs'.*did you mean "
+                                          r"'max_epoch'"):
+        load_config(path, ["trainer.max_epochs=3"])
+
+
+@pytest.mark.parametrize("opt, message", [
+    ("trainer.max_epoch=ten", r"'trainer.max_epoch' must be int"),
+    ("dataset.input_size=[224]", r"must have 2 elements"),
+    ("dataset.batch_size=true", r"'dataset.batch_size' must be int"),
+    ("dataset.image_reader.kwargs.color_mode=RGBA", r"must be one of"),
+    ("net.1.prev=bakbone", r"'bakbone' names no earlier module"),
+])
+def test_wrong_types_and_impossible_values(tree, opt, message):
+    _, path = tree
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [opt])
+
+
+def test_missing_base_and_malformed_yaml(tmp_path):
+    p = write(tmp_path / "c.yaml", "_base_: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="_base_ file not found: nowhere.yaml"):
+        load_config(p)
+    p = write(tmp_path / "bad.yaml", "trainer:\n  max_epoch: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"malformed YAML in .*bad.yaml at line"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_base_cycle_is_reported(tmp_path):
+    write(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_merge_replaces_lists_and_does_not_mutate():
+    base = {"a": {"b": 1, "c": [1, 2]}, "d": 1}
+    out = merge_dicts(base, {"a": {"c": [3]}})
+    assert out == {"a": {"b": 1, "c": [3]}, "d": 1}
+    assert base["a"]["c"] == [1, 2]
+
+
+def test_demo_and_uniad_style_configs_load():
+    from conftest import ROOT
+
+    cfg = load_config(ROOT / "experiments" / "demo" / "config.yaml")
+    assert cfg.net[2].type == "models.reconstructions.UniAD"
+    assert cfg.dataset.synthetic.root == str((ROOT / "data" / "synthetic").resolve())

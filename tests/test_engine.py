@@ -1,0 +1,110 @@
+"""End-to-end engine runs on tiny synthetic data: results layout, exact resume, evaluate."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, tiny_net
+from tools import train_val
+
+pytestmark = pytest.mark.slow
+
+
+def make_config(tmp_path, epochs=3, val_freq=1, scheduler="StepLR"):
+    cfg = {
+        "_base_": str(ROOT / "configs" / "runtime.yaml"),
+        "random_seed": 7,
+        "dataset": {
+            "type": "synthetic",
+            "synthetic": {"root": str(tmp_path / "data"), "seed": 3,
+                          "classes": ["disc", "weave"], "image_size": 64, "num_train": 6,
+                          "num_test_good": 3, "num_test_defect": 1},
+            "input_size": [64, 64], "batch_size": 4, "workers": 0,
+        },
+        "trainer": {"max_epoch": epochs, "val_freq_epoch": val_freq,
+                    "optimizer": {"type": "AdamW", "kwargs": {"lr": 1e-3}},
+                    "lr_scheduler": {"type": scheduler, "kwargs": {"step_size": 2, "gamma": 0.5}
+                                     if scheduler == "StepLR" else {}}},
+        "net": tiny_net(),
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(argv):
+    assert train_val.main(argv + ["--no_progress", "--device", "cpu"]) == 0
+
+
+def test_train_writes_the_contracted_layout_and_evaluate_reproduces(tmp_path):
+    cfg = make_config(tmp_path, epochs=2)
+    work = tmp_path / "run"
+    run(["--config", str(cfg), "--work_dir", str(work)])
+    for name in ("config.yaml", "log.txt", "results.json", "results.md",
+                 "checkpoints/last.pth", "checkpoints/best.pth"):
+        assert (work / name).is_file(), name
+    assert any((work / "events").iterdir())
+    results = json.loads((work / "results.json").read_text())
+    assert set(results["protocol"]) >= {"dataset", "classes", "setting", "input_size", "epochs",
+                                        "seed", "image_score", "backbone"}
+    assert results["protocol"]["classes"] == ["disc", "weave"]
+    assert set(results["per_class"]) == {"disc", "weave"}
+    for values in [*results["per_class"].values(), results["mean"]]:
+        for key in ("image_auroc", "pixel_auroc"):
+            assert 0.0 <= values[key] <= 1.0
+    mean = sum(results["per_class"][c]["pixel_auroc"] for c in ("disc", "weave")) / 2
+    assert results["mean"]["pixel_auroc"] == pytest.approx(mean, abs=1e-12)
+    md = (work / "results.md").read_text()
+    assert "protocol:" in md and "| mean" in md
+    saved = yaml.safe_load((work / "config.yaml").read_text())
+    assert saved["trainer"]["max_epoch"] == 2 and saved["net"][2]["kwargs"]["hidden_dim"] == 32
+
+    best = results
+    run(["--config", str(cfg), "--work_dir", str(work), "--evaluate"])
+    again = json.loads((work / "results.json").read_text())
+    for cls in best["per_class"]:
+        for key, value in best["per_class"][cls].items():
+            if value is not None:
+                assert again["per_class"][cls][key] == pytest.approx(value, abs=1e-6)
+
+
+def test_class_name_restricts_to_one_class(tmp_path):
+    cfg = make_config(tmp_path, epochs=1)
+    work = tmp_path / "one"
+    run(["--config", str(cfg), "--work_dir", str(work), "--class_name", "weave"])
+    results = json.loads((work / "results.json").read_text())
+    assert list(results["per_class"]) == ["weave"]
+    assert results["protocol"]["setting"] == "single-class"
+    with pytest.raises(ValueError, match="class 'bolt' not in"):
+        run(["--config", str(cfg), "--work_dir", str(tmp_path / "x"), "--class_name", "bolt"])
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch):
+    from utils.trainer import Trainer
+
+    cfg = make_config(tmp_path, epochs=4, val_freq=2)
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(["--config", str(cfg), "--work_dir", str(full)])
+
+    original = Trainer.train_one_epoch
+
+    def interrupted(self, epoch):
+        if epoch == 2:  # dies during the third epoch: epochs 1-2 are in last.pth
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(["--config", str(cfg), "--work_dir", str(part)])
+    assert torch.load(part / "checkpoints" / "last.pth", weights_only=False)["epoch"] == 2
+    monkeypatch.setattr(Trainer, "train_one_epoch", original)
+    run(["--config", str(cfg), "--work_dir", str(part), "--resume"])
+
+    a = torch.load(full / "checkpoints" / "last.pth", weights_only=False)
+    b = torch.load(part / "checkpoints" / "last.pth", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 4
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    assert a["scheduler"] == b["scheduler"]

@@ -1,0 +1,134 @@
+"""The keys a DualMem config may hold, with their types.
+
+UniAD's own keys are accepted (so its configs load), plus DualMem's additions. ``"*"`` marks a
+mapping with free keys. ``net[*].kwargs`` is checked later against the module's constructor.
+"""
+
+
+class _AnyT:
+    def __repr__(self):
+        return "any"
+
+
+Any = _AnyT()
+
+
+class OptionalT:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __repr__(self):
+        return f"null or {self.inner!r}"
+
+
+class ListOf:
+    def __init__(self, item, length=None):
+        self.item = item
+        self.length = length
+
+    def __repr__(self):
+        return f"list of {getattr(self.item, '__name__', self.item)!r}"
+
+
+class Choice:
+    def __init__(self, *values):
+        self.values = values
+
+    def __repr__(self):
+        return f"one of {list(self.values)}"
+
+
+class PathT:
+    def __init__(self, must_exist=False):
+        self.must_exist = must_exist
+
+    def __repr__(self):
+        return "path"
+
+
+Number = (int, float)
+Path = OptionalT(PathT())
+ExistingPath = OptionalT(PathT(must_exist=True))
+TypedKwargs = {"type": str, "kwargs": OptionalT({"*": Any})}
+
+AUGMENT = {
+    "hflip": (bool, float),
+    "vflip": (bool, float),
+    "rotate": (bool, float, int),
+    "color_jitter": OptionalT({"brightness": Number, "contrast": Number,
+                               "saturation": Number, "hue": Number, "prob": Number}),
+}
+
+SPLIT = {
+    "meta_file": Path,
+    "rebalance": bool,
+    "subsample": OptionalT(int),
+    **AUGMENT,
+}
+
+SCHEMA = {
+    "version": (str, int, float),
+    "port": int,
+    "random_seed": int,
+    "deterministic": bool,
+    "config_path": Path,
+    "dataset": {
+        "type": Choice("explicit", "custom", "mvtec", "cifar10", "synthetic"),
+        "image_reader": {
+            "type": Choice("opencv", "pil"),
+            "kwargs": {"image_dir": Path, "color_mode": Choice("RGB", "BGR", "GRAY")},
+        },
+        "train": SPLIT,
+        "test": SPLIT,
+        "input_size": ListOf(int, length=2),
+        "pixel_mean": OptionalT(ListOf(Number, length=3)),
+        "pixel_std": OptionalT(ListOf(Number, length=3)),
+        "batch_size": int,
+        "test_batch_size": OptionalT(int),
+        "workers": int,
+        "classes": OptionalT(ListOf(str)),
+        "synthetic": OptionalT({
+            "root": Path, "seed": int, "classes": OptionalT(ListOf(str)),
+            "image_size": int, "num_train": int, "num_test_good": int, "num_test_defect": int,
+        }),
+    },
+    "criterion": ListOf({"name": str, "type": str, "kwargs": OptionalT({"*": Any})}),
+    "trainer": {
+        "max_epoch": int,
+        "clip_max_norm": OptionalT(Number),
+        "val_freq_epoch": int,
+        "print_freq_step": int,
+        "tb_freq_step": int,
+        "amp": (bool, Choice("fp16", "bf16")),
+        "optimizer": TypedKwargs,
+        "lr_scheduler": OptionalT(TypedKwargs),
+    },
+    "saver": {
+        "auto_resume": bool,
+        "always_save": bool,
+        "load_path": Path,
+        "save_dir": Path,
+        "log_dir": Path,
+    },
+    "evaluator": {
+        "save_dir": Path,
+        "key_metric": str,
+        "metrics": (ListOf(str), {"auc": ListOf({"name": str, "kwargs": OptionalT({"*": Any})})}),
+        "image_score": {
+            "reduction": Choice("max", "mean", "std", "topk"),
+            "kernel": int,
+            "topk": Number,
+        },
+        "vis_compound": OptionalT({"*": Any}),
+        "vis_single": OptionalT({"*": Any}),
+        "eval_dir": Path,
+    },
+    "frozen_layers": OptionalT(ListOf(str)),
+    "net": ListOf({
+        "name": str,
+        "type": str,
+        "prev": OptionalT(str),
+        "frozen": bool,
+        "kwargs": OptionalT({"*": Any}),
+    }),
+}
