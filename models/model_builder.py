@@ -86,12 +86,15 @@ class ModelHelper(nn.Module):
         for name in self.frozen:
             for p in getattr(self, name).parameters():
                 p.requires_grad_(False)
-        # frozen modules before the first trainable one need no autograd graph at all
-        self.no_grad_prefix = set()
+        # leading modules with nothing to learn (frozen, or parameter-free like MFCN) need no
+        # autograd graph, and their outputs can be cached when their input is deterministic
+        self.frozen_prefix = []
         for name in self.module_names:
-            if name not in self.frozen:
+            module = getattr(self, name)
+            if name not in self.frozen and any(p.requires_grad for p in module.parameters()):
                 break
-            self.no_grad_prefix.add(name)
+            self.frozen_prefix.append(name)
+        self.no_grad_prefix = set(self.frozen_prefix)
         self.train()
 
     def train(self, mode=True):
@@ -111,9 +114,10 @@ class ModelHelper(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
-    def forward(self, input):
+    def forward(self, input, start=0):
+        """``start``: skip the first modules, whose outputs ``input`` already holds (cache)."""
         data = dict(input)
-        for name in self.module_names:
+        for name in self.module_names[start:]:
             if name in self.no_grad_prefix:
                 with torch.no_grad():
                     data.update(getattr(self, name)(data))

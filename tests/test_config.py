@@ -137,3 +137,13 @@ def test_demo_and_uniad_style_configs_load():
     cfg = load_config(ROOT / "experiments" / "demo" / "config.yaml")
     assert cfg.net[2].type == "models.reconstructions.UniAD"
     assert cfg.dataset.synthetic.root == str((ROOT / "data" / "synthetic").resolve())
+
+
+def test_changing_type_replaces_the_kwargs_block():
+    base = {"lr_scheduler": {"type": "StepLR", "kwargs": {"step_size": 800, "gamma": 0.1}}}
+    out = merge_dicts(base, {"lr_scheduler": {"type": "CosineAnnealingLR", "kwargs": {}}})
+    assert out["lr_scheduler"] == {"type": "CosineAnnealingLR", "kwargs": {}}
+    same = merge_dicts(base, {"lr_scheduler": {"type": "StepLR", "kwargs": {"gamma": 0.5}}})
+    assert same["lr_scheduler"]["kwargs"] == {"step_size": 800, "gamma": 0.5}
+    forced = merge_dicts(base, {"lr_scheduler": {"_delete_": True, "type": "StepLR"}})
+    assert forced["lr_scheduler"] == {"type": "StepLR"}

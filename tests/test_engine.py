@@ -76,8 +76,16 @@ def test_class_name_restricts_to_one_class(tmp_path):
     results = json.loads((work / "results.json").read_text())
     assert list(results["per_class"]) == ["weave"]
     assert results["protocol"]["setting"] == "single-class"
-    with pytest.raises(ValueError, match="class 'bolt' not in"):
-        run(["--config", str(cfg), "--work_dir", str(tmp_path / "x"), "--class_name", "bolt"])
+
+def test_user_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
+    cfg = make_config(tmp_path, epochs=1)
+    code = train_val.main(["--config", str(cfg), "--work_dir", str(tmp_path / "x"),
+                           "--class_name", "bolt", "--no_progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "class 'bolt' not in" in err and "Traceback" not in err
+    code = train_val.main(["--config", str(cfg), "--opts", "trainer.max_epochs=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "did you mean 'max_epoch'" in err
 
 
 def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch):
@@ -108,3 +116,34 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch)
         assert torch.equal(value, b["model"][key]), key
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     assert a["scheduler"] == b["scheduler"]
+
+
+def test_feature_cache_gives_the_same_loss_trajectory(tmp_path):
+    from utils.config import load_config
+    from utils.trainer import Trainer
+
+    cfg_path = make_config(tmp_path, epochs=3)
+    losses, finals = {}, {}
+    for cache in (False, True):
+        cfg = load_config(cfg_path, [f"trainer.feature_cache={str(cache).lower()}"])
+        trainer = Trainer(cfg, tmp_path / f"cache_{cache}", torch.device("cpu"),
+                          progress=False)
+        assert trainer.use_cache is cache
+        losses[cache] = [trainer.train_one_epoch(e) for e in range(3)]
+        assert isinstance(trainer.net, torch.nn.Module)
+        finals[cache] = trainer.evaluate_now()["mean"]
+        trainer.close()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    for key, value in finals[False].items():
+        if value is not None:
+            assert finals[True][key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_feature_cache_true_with_augmentation_is_refused(tmp_path):
+    from utils.config import load_config
+    from utils.trainer import Trainer
+
+    cfg = load_config(make_config(tmp_path), ["trainer.feature_cache=true",
+                                              "dataset.train.hflip=true"])
+    with pytest.raises(ValueError, match="augmentations are on"):
+        Trainer(cfg, tmp_path / "w", torch.device("cpu"), progress=False)

@@ -47,11 +47,18 @@ def _read_yaml(path):
 
 
 def merge_dicts(base, override):
-    """Deep merge: dicts merge key by key, everything else (lists included) is replaced."""
+    """Deep merge: dicts merge key by key, everything else (lists included) is replaced.
+
+    A dict whose ``type`` changes (another optimizer, scheduler, ...) replaces the base dict
+    whole, since the old ``kwargs`` belong to the old type; ``_delete_: true`` forces that.
+    """
     out = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_dicts(out[key], value)
+            value = dict(value)
+            replace = value.pop("_delete_", False) or (
+                "type" in value and "type" in out[key] and value["type"] != out[key]["type"])
+            out[key] = copy.deepcopy(value) if replace else merge_dicts(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -268,21 +275,23 @@ def validate_config(cfg, source="config"):
     errors = []
     _check(cfg, SCHEMA, "", errors)
     names = set()
-    for i, entry in enumerate(cfg.get("net") or []):
-        if not isinstance(entry, dict):
-            continue
-        name = entry.get("name")
+    net = cfg.get("net")
+    for i, entry in enumerate(net if isinstance(net, list) else []):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str):
+            continue  # the schema check has reported it
         if name in names:
             errors.append(f"'net.{i}.name': duplicate module name '{name}'")
         prev = entry.get("prev")
-        if prev is not None and prev not in names:
+        if isinstance(prev, str) and prev not in names:
             known = ", ".join(sorted(names)) or "none before it"
             errors.append(f"'net.{i}.prev': '{prev}' names no earlier module (earlier: {known})")
         names.add(name)
-    for layer in cfg.get("frozen_layers") or []:
-        if layer not in names:
+    frozen = cfg.get("frozen_layers")
+    for layer in frozen if isinstance(frozen, list) else []:
+        if isinstance(layer, str) and layer not in names:
             errors.append(f"'frozen_layers': '{layer}' names no module in net "
-                          f"({', '.join(sorted(n for n in names if n))})")
+                          f"({', '.join(sorted(names))})")
     if errors:
         raise ConfigError(f"invalid config {source}:\n  - " + "\n  - ".join(errors))
     return cfg

@@ -73,7 +73,14 @@ SCHEMA = {
     "deterministic": bool,
     "config_path": Path,
     "dataset": {
-        "type": Choice("explicit", "custom", "mvtec", "cifar10", "synthetic"),
+        "type": Choice("explicit", "custom", "mvtec", "visa", "cifar10", "ader", "folder",
+                       "synthetic"),
+        # mvtec|visa|cifar10|ader|folder: prepare manifests from the data itself (cached)
+        "data_root": OptionalT((PathT(), ListOf(PathT()))),
+        "cache_dir": Path,
+        "check_files": bool,
+        "cifar10": OptionalT({"normal_classes": (str, ListOf((int, str))), "seed": int}),
+        "folder": OptionalT({"test_split": Number, "seed": int, "class_name": str}),
         "image_reader": {
             "type": Choice("opencv", "pil"),
             "kwargs": {"image_dir": Path, "color_mode": Choice("RGB", "BGR", "GRAY")},
@@ -87,6 +94,8 @@ SCHEMA = {
         "test_batch_size": OptionalT(int),
         "workers": int,
         "classes": OptionalT(ListOf(str)),
+        "validate": bool,
+        "on_bad_file": Choice("error", "skip"),
         "synthetic": OptionalT({
             "root": Path, "seed": int, "classes": OptionalT(ListOf(str)),
             "image_size": int, "num_train": int, "num_test_good": int, "num_test_defect": int,
@@ -102,6 +111,10 @@ SCHEMA = {
         "amp": (bool, Choice("fp16", "bf16")),
         "optimizer": TypedKwargs,
         "lr_scheduler": OptionalT(TypedKwargs),
+        "on_nonfinite": Choice("stop", "skip"),
+        "feature_cache": (bool, Choice("auto")),
+        "feature_cache_dtype": Choice("float32", "float16"),
+        "max_nonfinite_steps": int,
     },
     "saver": {
         "auto_resume": bool,
@@ -119,6 +132,13 @@ SCHEMA = {
             "kernel": int,
             "topk": Number,
         },
+        "thresholds": OptionalT({"normal_percentile": Number}),
+        "vis": OptionalT({
+            "normalize": Choice("global", "per_image"),
+            "max_images": OptionalT(int),
+            "alpha": Number,
+            "tensorboard_panels": int,
+        }),
         "vis_compound": OptionalT({"*": Any}),
         "vis_single": OptionalT({"*": Any}),
         "eval_dir": Path,

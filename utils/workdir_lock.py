@@ -1,0 +1,36 @@
+"""One run per work folder: an OS lock that dies with its process, so no stale-lock cleanup."""
+import fcntl
+import os
+import socket
+
+
+class WorkDirBusyError(RuntimeError):
+    pass
+
+
+class WorkDirLock:
+    def __init__(self, work_dir):
+        self.path = os.path.join(str(work_dir), ".lock")
+        self._fd = None
+
+    def acquire(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise WorkDirBusyError(
+                f"work_dir {os.path.dirname(self.path)} is in use by {holder}; wait for it, "
+                f"or pass another --work_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+        return self
+
+    def release(self):
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
