@@ -87,12 +87,14 @@ def _rel(path, root):
 
 
 def _find_mask(root, cls, defect, image):
-    """UniAD/MVTec convention: ground_truth/<defect>/<stem>_mask.png (other extensions tolerated)."""
+    """The mask of a test image: ``ground_truth/<defect>/<stem>_mask.png`` (MVTec/UniAD) or
+    ``<stem>.png`` (VisA converted to MVTec layout); other extensions tolerated."""
     gt_dir = root / cls / "ground_truth" / defect
-    for ext in (".png", image.suffix, image.suffix.lower()):
-        cand = gt_dir / f"{image.stem}{MASK_SUFFIX}{ext}"
-        if cand.is_file():
-            return cand
+    for stem in (f"{image.stem}{MASK_SUFFIX}", image.stem):
+        for ext in (".png", image.suffix, image.suffix.lower()):
+            cand = gt_dir / f"{stem}{ext}"
+            if cand.is_file():
+                return cand
     return None
 
 
@@ -100,7 +102,11 @@ def build_mvtec_records(root, classes=None):
     """Scan an MVTec-AD-layout tree into UniAD (train_records, test_records).
 
     ``classes=None`` takes every folder with a ``train`` subfolder, so extra files or folders in
-    the root (manifests, READMEs) are ignored rather than mistaken for classes.
+    the root (manifests, READMEs) are ignored rather than mistaken for classes. Any number of
+    defect folders is accepted. A defect folder without a ``ground_truth/<defect>`` folder gets
+    no ``maskname`` (UniAD's rule: the whole image counts as anomalous); once that folder
+    exists, every image of the defect must have its mask there, because a missing one is almost
+    always a naming mistake that would silently turn a small defect into a whole-image one.
     """
     root = Path(root)
     if not root.is_dir():
@@ -131,10 +137,11 @@ def build_mvtec_records(root, classes=None):
                           "label_name": "good", "clsname": cls})
 
         test_dir = root / cls / "test"
-        if not test_dir.is_dir():
-            continue
-        for sub in sorted(d for d in test_dir.iterdir() if d.is_dir()):
+        n_test = len(test)
+        subs = sorted(d for d in test_dir.iterdir() if d.is_dir()) if test_dir.is_dir() else []
+        for sub in subs:
             good = sub.name == "good"
+            has_gt = (root / cls / "ground_truth" / sub.name).is_dir()
             for p in _images(sub):
                 rec = {"filename": _rel(p, root), "label": 0 if good else 1,
                        "label_name": "good" if good else "defective"}
@@ -142,6 +149,14 @@ def build_mvtec_records(root, classes=None):
                     mask = _find_mask(root, cls, sub.name, p)
                     if mask is not None:
                         rec["maskname"] = _rel(mask, root)
+                    elif has_gt:
+                        gt = root / cls / "ground_truth" / sub.name
+                        raise ValueError(f"test image {p} has no mask: expected "
+                                         f"{gt / (p.stem + MASK_SUFFIX + '.png')} (or "
+                                         f"{p.stem}.png there)")
                 rec["clsname"] = cls
                 test.append(rec)
+        if len(test) == n_test:
+            raise ValueError(f"class '{cls}' has no test images in {test_dir} (expected "
+                             f"test/good and test/<defect> folders)")
     return train, test

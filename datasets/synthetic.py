@@ -27,7 +27,7 @@ import numpy as np
 from datasets.manifest import build_mvtec_records, read_manifest, write_manifest
 
 # Bump whenever the drawing code changes, so ensure_synthetic_dataset regenerates stale copies.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 OBJECT, TEXTURE = "object", "texture"
 CLASS_SPECS = {
@@ -149,7 +149,7 @@ def _render_disc(rng, S):
     bg = np.empty((S, S, 3), np.float32)
     bg[:] = bg_col
     bg += 3.0 * _smooth_noise(rng, S, 6)[..., None]
-    cx, cy = S / 2 + rng.uniform(-0.025, 0.025, 2) * S
+    cx, cy = S / 2 + rng.uniform(-0.02, 0.02, 2) * S
     R = 0.31 * S * rng.uniform(0.97, 1.03)
     # shadow cast down-right by a fixed light
     table = bg.copy()  # what a missing piece reveals (its own shadow goes with it)
@@ -192,9 +192,9 @@ def _render_bracket(rng, S):
     outer = np.array([(-0.32, -0.34), (-0.10, -0.34), (-0.10, 0.10), (0.34, 0.10),
                       (0.34, 0.32), (-0.32, 0.32)])
     holes = np.array([(-0.21, -0.20), (0.21, 0.21)])
-    ang = np.deg2rad(rng.uniform(-4, 4))
+    ang = np.deg2rad(rng.uniform(-2.5, 2.5))
     rot = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
-    off = S / 2 + rng.uniform(-0.025, 0.025, 2) * S
+    off = S / 2 + rng.uniform(-0.02, 0.02, 2) * S
     poly = outer * S @ rot.T + off
     hole_c = holes * S @ rot.T + off
     hole_r = 0.045 * S
@@ -347,7 +347,7 @@ _STAIN_COLOURS = np.array([(40, 80, 130), (60, 150, 70), (170, 95, 40), (150, 60
 
 
 def _shape_stain(rng, scene, S):
-    r = rng.uniform(0.055, 0.09) * S
+    r = rng.uniform(0.06, 0.095) * S
     cx, cy = _site(rng, scene, S, r + 0.02 * S)
     return _blob(rng, S, cx, cy, r, irregular=0.45, n=28)
 
@@ -356,7 +356,7 @@ def _paint_stain(rng, img, mask, scene, S):
     # one of the two colours farthest from what it covers, so stains are never camouflaged
     dists = np.abs(_STAIN_COLOURS - img[mask].mean(0)).sum(1)
     col = _STAIN_COLOURS[np.argsort(dists)[-2:][rng.integers(2)]]
-    alpha = np.clip(0.62 + 0.12 * _smooth_noise(rng, S, 10), 0.45, 0.8)[mask][:, None]
+    alpha = np.clip(0.70 + 0.10 * _smooth_noise(rng, S, 10), 0.5, 0.85)[mask][:, None]
     img[mask] = img[mask] * (1 - alpha) + col[None] * alpha
 
 
@@ -452,8 +452,12 @@ def _apply_defect(rng, scene, defect, S):
     """
     shape_fn, paint_fn = _DEFECTS[defect]
     min_area = (0.03 * S) ** 2 * (2.0 if defect in ("scratch", "crack") else 4.0)
+    clip = scene.fg
+    if defect == "missing" and scene.kind == OBJECT:
+        # include the anti-aliased rim, or a ghost outline of the lost piece would stay unmasked
+        clip = cv2.dilate(scene.fg.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
     for _ in range(50):
-        mask = shape_fn(rng, scene, S) & scene.fg
+        mask = shape_fn(rng, scene, S) & clip
         if mask.sum() >= min_area:
             break
     else:  # pragma: no cover - shapes are sized well above min_area

@@ -97,10 +97,10 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch)
 
     original = Trainer.train_one_epoch
 
-    def interrupted(self, epoch):
+    def interrupted(self, epoch, start_step=0):
         if epoch == 2:  # dies during the third epoch: epochs 1-2 are in last.pth
             raise KeyboardInterrupt
-        return original(self, epoch)
+        return original(self, epoch, start_step)
 
     monkeypatch.setattr(Trainer, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -137,3 +137,14 @@ def test_positions_sine_and_learned_shapes():
         assert len({tuple(r.tolist()) for r in pos}) == 15  # every position distinct
     with pytest.raises(ValueError, match="pos_embed_type"):
         build_position_embedding("rope", (3, 5), 16)
+
+
+def test_reference_attention_path_gives_the_same_maps():
+    model = ModelHelper(tiny_net(), input_size=[64, 64]).eval()
+    x = {"image": torch.randn(2, 3, 64, 64)}
+    fast = model(x)["pred"]
+    model.reconstruction.transformer.set_attn_impl("reference")
+    ref = model(x)["pred"]
+    assert torch.allclose(fast, ref, atol=1e-4)
+    with pytest.raises(ValueError, match="attn_impl"):
+        model.reconstruction.transformer.set_attn_impl("flash")

@@ -4,65 +4,83 @@
     python tools/train_val.py --config CFG --class_name bottle
     python tools/train_val.py --config CFG --work_dir RUN --evaluate [--checkpoint P]
     python tools/train_val.py --config CFG --work_dir RUN --resume
+    python tools/train_val.py --config experiments/MVTec-AD/uniad/lite.yaml \
+        --data_root DATA/mvtec --class_name bottle
 """
 import argparse
+import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools._common import add_data_args, add_run_args, load_cfg  # noqa: E402
+from tools._common import default_work_dir  # noqa: E402,F401  (kept importable from here)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config")
     p.add_argument("--class_name", default=None, help="train/evaluate this class only")
+    add_data_args(p)
     p.add_argument("-e", "--evaluate", action="store_true", help="evaluate a checkpoint only")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint for --evaluate (default: <work_dir>/checkpoints/best.pth)")
+    p.add_argument("--vis", action="store_true",
+                   help="with --evaluate: panels (image | ground truth | heat map | mask) under "
+                        "<work_dir>/vis/<class>/<defect>/ (settings: evaluator.vis)")
     p.add_argument("--resume", action="store_true",
                    help="continue from <work_dir>/checkpoints/last.pth")
-    p.add_argument("--work_dir", default=None,
-                   help="run folder (default: runs/<timestamp> beside the config; with "
-                        "--resume/--evaluate: the newest run there)")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"],
-                   help="default: CUDA when available")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
-    p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="config overrides, e.g. trainer.max_epoch=5 net.0.kwargs.pretrained=false")
+    add_run_args(p)
     return p.parse_args(argv)
 
 
-def default_work_dir(config_path, pick_latest):
-    runs = Path(config_path).resolve().parent / "runs"
-    if pick_latest:
-        existing = sorted(p for p in runs.glob("*") if p.is_dir()) if runs.is_dir() else []
-        if not existing:
-            raise SystemExit(f"error: no run folder under {runs}; pass --work_dir")
-        return existing[-1]
-    return runs / time.strftime("%Y%m%d-%H%M%S")
-
-
 def main(argv=None):
+    """Exit status: 0 done, 2 a problem with the config/data/checkpoint (one clear line, no
+    traceback; DUALMEM_DEBUG=1 shows it), 128+N interrupted by signal N (resumable)."""
     args = parse_args(argv)
-    from utils.config import ConfigError, load_config
+    from utils.errors import USER_ERRORS
+    from utils.trainer import TrainingInterrupted
 
     try:
-        cfg = load_config(args.config, args.opts)
-    except ConfigError as exc:
-        raise SystemExit(f"error: {exc}")
-    import torch  # noqa: F401  (after config errors, which should be instant)
+        return run(args)
+    except TrainingInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except USER_ERRORS as exc:
+        if os.environ.get("DUALMEM_DEBUG") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
+
+def run(args):
     from utils.misc import resolve_device
     from utils.trainer import Trainer
 
-    work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(
-        args.config, pick_latest=args.evaluate or args.resume)
-    trainer = Trainer(cfg, work_dir, resolve_device(args.device), class_name=args.class_name,
+    if args.vis and not args.evaluate:
+        raise ValueError("--vis draws the panels of an evaluation: use it with --evaluate")
+    from utils import distributed as du
+
+    cfg = load_cfg(args)
+    device = du.init_distributed(resolve_device(args.device))
+    if args.work_dir:
+        work_dir = Path(args.work_dir)
+    else:  # every rank must agree on a timestamped folder
+        work_dir = du.broadcast_object(default_work_dir(
+            args.config, pick_latest=args.evaluate or args.resume))
+    try:
+        return _run(args, cfg, work_dir, device, Trainer)
+    finally:
+        du.shutdown()
+
+
+def _run(args, cfg, work_dir, device, Trainer):
+    trainer = Trainer(cfg, work_dir, device, class_name=args.class_name,
                       progress=not args.no_progress)
     if args.evaluate:
         ckpt = args.checkpoint or work_dir / "checkpoints" / "best.pth"
-        trainer.evaluate(ckpt)
+        trainer.evaluate(ckpt, vis=args.vis)
         return 0
     if args.resume:
         trainer.resume()

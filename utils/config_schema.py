@@ -85,7 +85,18 @@ SCHEMA = {
             "type": Choice("opencv", "pil"),
             "kwargs": {"image_dir": Path, "color_mode": Choice("RGB", "BGR", "GRAY")},
         },
-        "train": SPLIT,
+        "train": {
+            **SPLIT,
+            # DRAEM-style pseudo anomalies on the fly (datasets/pseudo_anomaly.py; DMAD)
+            "pseudo_anomaly": OptionalT({
+                "prob": Number, "seed": int,
+                "texture_source": Choice("folder", "procedural", "self"),
+                "texture_dir": Path, "beta": ListOf(Number, length=2),
+                "perlin_scale": ListOf(int, length=2), "threshold": Number,
+                "rotate": Number, "coverage": OptionalT(ListOf(Number, length=2)),
+                "texture_augmentations": int,
+            }),
+        },
         "test": SPLIT,
         "input_size": ListOf(int, length=2),
         "pixel_mean": OptionalT(ListOf(Number, length=3)),
@@ -94,6 +105,11 @@ SCHEMA = {
         "test_batch_size": OptionalT(int),
         "workers": int,
         "classes": OptionalT(ListOf(str)),
+        # k annotated test anomalies per class move into training (datasets/seen_anomalies.py)
+        "seen_anomalies": OptionalT({
+            "num_per_class": int, "seed": int, "classes": OptionalT(ListOf(str)),
+            "join_training": bool,
+        }),
         "validate": bool,
         "on_bad_file": Choice("error", "skip"),
         "synthetic": OptionalT({
@@ -114,6 +130,7 @@ SCHEMA = {
         "on_nonfinite": Choice("stop", "skip"),
         "feature_cache": (bool, Choice("auto")),
         "feature_cache_dtype": Choice("float32", "float16"),
+        "find_unused_parameters": bool,
         "max_nonfinite_steps": int,
     },
     "saver": {

@@ -3,9 +3,8 @@
 Every tool (``train_val.py``, the unified and per-class scripts) builds a ``Trainer`` from a
 resolved config and calls ``fit()`` or ``evaluate()``; nothing else owns a training loop.
 """
-import json
 import math
-import os
+import signal
 import time
 from pathlib import Path
 
@@ -13,20 +12,35 @@ import torch
 from tqdm import tqdm
 
 from datasets.builder import build_datasets, build_loader
+from datasets.samplers import ResumableRandomSampler, ShardSampler
+from utils import distributed as du
 from models import ModelHelper
 from models.losses import Criterion
 from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils.config import save_config, to_plain
-from utils.evaluator import evaluator_settings, metrics_from_inference, run_inference
+from utils.evaluator import (compute_thresholds, evaluator_settings, metrics_from_inference,
+                             normal_percentile, run_inference, write_scores,
+                             write_thresholds)
+from utils.feature_cache import SkipPrefix, build_feature_cache
 from utils.logger import setup_logger
 from utils.misc import set_seed
 from utils.results import protocol_line, results_table, write_results
+from utils.visualize import log_evaluation_images, vis_settings, write_panels
+from utils.workdir_lock import WorkDirLock
 
 OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.optim.SGD}
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was written and the run can be resumed."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
 
 
 def build_optimizer(params, cfg):
@@ -70,31 +84,59 @@ def amp_dtype_for(setting, device):
     return torch.bfloat16
 
 
+def gather_inference(parts):
+    """Merge the ranks' shards of ``run_inference`` output back into dataset order."""
+    import numpy as np
+
+    merged = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        merged[key] = np.concatenate(values) if isinstance(values[0], np.ndarray) else \
+            [v for part in values for v in part]
+    order = np.argsort(merged["index"], kind="stable")
+    for key, value in merged.items():
+        merged[key] = value[order] if isinstance(value, np.ndarray) else \
+            [value[i] for i in order]
+    if len(np.unique(merged["index"])) != len(merged["index"]):
+        raise RuntimeError("distributed evaluation saw an image twice")
+    return merged
+
+
 class Trainer:
     def __init__(self, cfg, work_dir, device, class_name=None, progress=True, logger=None):
         self.cfg = cfg
         self.work_dir = Path(work_dir)
         self.device = device
         self.class_name = class_name
-        self.progress = progress
+        self.rank, self.world = du.rank(), du.world_size()
+        self.is_main = self.rank == 0
+        self.progress = progress and self.is_main
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = WorkDirLock(self.work_dir).acquire() if self.is_main else None
         self.ckpt_dir = self.work_dir / "checkpoints"
-        self.logger = logger or setup_logger(self.work_dir / "log.txt")
+        self.logger = logger or setup_logger(self.work_dir / "log.txt", rank=self.rank)
         self.seed = int(cfg.get("random_seed", 0))
+        # same seed everywhere for the model's initial weights (DDP also broadcasts rank 0's)
         set_seed(self.seed, cfg.get("deterministic", False))
         tr = cfg.trainer
         self.max_epoch = int(tr.get("max_epoch", 1))
         self.val_freq = int(tr.get("val_freq_epoch", 1)) or 1
         self.print_freq = int(tr.get("print_freq_step", 10)) or 10
         self.clip = tr.get("clip_max_norm")
+        self.on_nonfinite = tr.get("on_nonfinite", "stop")
+        self.max_bad_steps = int(tr.get("max_nonfinite_steps", 20))
         self.amp_dtype = amp_dtype_for(tr.get("amp", False), device)
         self.metrics, self.score_cfg, self.key_metric = evaluator_settings(cfg)
 
         self.model = ModelHelper(cfg.net, input_size=cfg.dataset.input_size,
                                  frozen_layers=cfg.get("frozen_layers")).to(device)
         self.pixel_mean, self.pixel_std = self._normalisation()
-        self.train_set, self.test_set, self.classes = build_datasets(
-            cfg, self.pixel_mean, self.pixel_std, class_name)
+        with du.main_process_first():  # rank 0 generates/prepares data, the others reuse it
+            self.train_set, self.test_set, self.classes = build_datasets(
+                cfg, self.pixel_mean, self.pixel_std, class_name)
+        self._validate_data()
+        if self.world > 1:  # each rank its own noise (jitter, dropout) from here on
+            set_seed(self.seed + 7919 * self.rank)
         self.criterion = Criterion(cfg.get("criterion") or
                                    [{"name": "FeatureMSELoss", "type": "FeatureMSELoss",
                                      "kwargs": {"weight": 1.0}}])
@@ -106,14 +148,24 @@ class Trainer:
         ds = cfg.dataset
         self.batch_size = int(ds.get("batch_size", 8))
         self.workers = int(ds.get("workers", 0))
+        # order and worker seeds from (seed, epoch) only, never from the global RNG, so an
+        # interrupted epoch replays exactly on --resume
         self.loader_gen = torch.Generator()
+        self.sampler = ResumableRandomSampler(len(self.train_set), self.seed, self.world,
+                                              self.rank)
         self.train_loader = build_loader(self.train_set, self.batch_size, self.workers,
-                                         shuffle=True, generator=self.loader_gen)
-        self.test_loader = build_loader(self.test_set, int(ds.get("test_batch_size") or
-                                                           self.batch_size),
-                                        self.workers, shuffle=False,
-                                        generator=torch.Generator().manual_seed(self.seed))
+                                         shuffle=True, generator=self.loader_gen,
+                                         sampler=self.sampler)
+        self.test_batch_size = int(ds.get("test_batch_size") or self.batch_size)
+        self.test_loader = self._test_loader(self.test_set, self.workers)
+        self.net = self.model  # what evaluation calls; SkipPrefix when cached
+        self.train_net = self._wrap_ddp(self.net)
+        self.use_cache = self._cache_wanted(tr.get("feature_cache", "auto"))
+        self._train_cached = self._test_cached = False
         self.start_epoch = 0
+        self.start_step = 0
+        self._signal = None
+        self.bad_steps = 0
         self.best_metric = -math.inf
         self.best_epoch = None
         self.best_results = None
@@ -137,8 +189,101 @@ class Trainer:
                                 f"{list(bb_std)}; using the config's values")
         return tuple(mean), tuple(std)
 
+    def _test_loader(self, dataset, workers):
+        """Under DDP each rank evaluates its own shard (no padding: no image twice)."""
+        sampler = ShardSampler(len(dataset), self.world, self.rank) if self.world > 1 else None
+        return build_loader(dataset, self.test_batch_size, workers, shuffle=False,
+                            sampler=sampler, generator=torch.Generator().manual_seed(self.seed))
+
+    def _wrap_ddp(self, net):
+        if self.world <= 1 or self.optimizer is None:
+            return net
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        # buffers here are frozen statistics and constants: no need to sync them every step
+        sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+            inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False}
+        return DistributedDataParallel(
+            net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=bool(self.cfg.trainer.get("find_unused_parameters", False)),
+            **sync)
+
+    def _validate_data(self):
+        """``dataset.validate`` (default true): decode every file once before training."""
+        from datasets.validation import check_classes, validate_records
+
+        ds = self.cfg.dataset
+        color = ((ds.get("image_reader") or {}).get("kwargs") or {}).get("color_mode", "RGB")
+        for name, dataset in (("train", self.train_set), ("test", self.test_set)):
+            source = getattr(dataset, "source", None) or f"the {name} manifest"
+            if ds.get("validate", True):
+                dataset.records, _ = validate_records(
+                    dataset.records, dataset.image_dir, source, color,
+                    ds.get("on_bad_file", "error"), self.progress, self.logger)
+                if not dataset.records:
+                    raise ValueError(f"no usable {name} images left in {source}")
+        check_classes(self.train_set.records, self.test_set.records,
+                      getattr(self.train_set, "source", "the train manifest"),
+                      getattr(self.test_set, "source", "the test manifest"))
+
+    def _cache_wanted(self, setting):
+        """``trainer.feature_cache``: auto (when valid), true (error when invalid), false."""
+        if not setting:
+            return False
+        prefix = self.model.frozen_prefix
+        reasons = []
+        if not prefix or len(prefix) == len(self.model.module_names):
+            reasons.append("no frozen leading modules before a trainable one")
+        if getattr(self.train_set, "augment", None) is not None:
+            reasons.append("training augmentations are on (inputs change every epoch)")
+        if not getattr(self.train_set, "deterministic", True):
+            reasons.append("the training data is generated on the fly")
+        if reasons:
+            if setting is True:
+                raise ValueError(f"trainer.feature_cache: true, but {'; '.join(reasons)}")
+            self.logger.info(f"feature cache off: {'; '.join(reasons)}")
+            return False
+        return True
+
+    def _cache_dtype(self):
+        return torch.float16 if self.cfg.trainer.get("feature_cache_dtype") == "float16" \
+            else torch.float32
+
+    def _ensure_cache(self, train):
+        """Swap a loader for one over cached prefix outputs, on first use."""
+        if not self.use_cache or (self._train_cached if train else self._test_cached):
+            return
+        t0 = time.time()
+        if train:
+            # own generator: building the cache must not consume the global RNG, or the
+            # feature jitter after it would differ from an uncached run
+            base = build_loader(self.train_set, self.batch_size, self.workers, shuffle=False,
+                                generator=torch.Generator().manual_seed(self.seed))
+            cached = build_feature_cache(self.model, base, self.device, self._cache_dtype(),
+                                         self.progress, "caching train features")
+            self.train_loader = build_loader(cached, self.batch_size, 0, shuffle=True,
+                                             generator=self.loader_gen, sampler=self.sampler)
+            self._train_cached = True
+        else:
+            base = build_loader(self.test_set, self.test_batch_size, self.workers,
+                                shuffle=False, generator=torch.Generator().manual_seed(self.seed))
+            cached = build_feature_cache(self.model, base, self.device,
+                                         self._cache_dtype(), self.progress,
+                                         "caching test features")
+            self.test_loader = self._test_loader(cached, 0)
+            self._test_cached = True
+        self.net = SkipPrefix(self.model, len(self.model.frozen_prefix))
+        self.train_net = self._wrap_ddp(self.net)
+        self.logger.info(f"cached {'train' if train else 'test'} features of "
+                         f"{', '.join(self.model.frozen_prefix)} for {len(cached)} images "
+                         f"({time.time() - t0:.1f}s)")
+
     @property
     def writer(self):
+        if not self.is_main:
+            return du.NullWriter()
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
@@ -147,7 +292,7 @@ class Trainer:
 
     def protocol(self):
         backbone = self.cfg.net[0]
-        return {
+        protocol = {
             "dataset": self.cfg.dataset.get("type", "explicit"),
             "classes": list(self.classes),
             "setting": "single-class" if self.class_name or len(self.classes) == 1
@@ -161,23 +306,33 @@ class Trainer:
             "backbone": (backbone.get("kwargs") or {}).get("model_name") or
             backbone.type.rsplit(".", 1)[-1],
         }
+        seen = getattr(self.train_set, "seen_anomalies", None)
+        if seen:  # semi-supervised: which test images became training anomalies
+            protocol["seen_anomalies"] = seen
+        return protocol
 
-    def state_dict(self, epoch):
+    def state_dict(self, epoch, step=0):
+        """``epoch`` finished epochs; ``step`` finished steps of the next one (interrupts)."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict(),
             "epoch": epoch,
+            "step": step,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "best_results": self.best_results,
             "key_metric": self.key_metric,
             "rng": rng_state(),
+            "rng_per_rank": du.all_gather_objects(rng_state()) if self.world > 1 else None,
             "config": to_plain(self.cfg),
             "pixel_mean": list(self.pixel_mean),
             "pixel_std": list(self.pixel_std),
             "classes": list(self.classes),
+            # decision thresholds + normalisation of the latest evaluation (its "epoch" says
+            # which); None before the first evaluation
+            "thresholds": getattr(self, "thresholds", None),
         }
 
     def load_state(self, state, resume=True):
@@ -194,35 +349,69 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"])
+        self.start_step = int(state.get("step", 0))
         self.best_metric = state.get("best_metric", -math.inf)
         self.best_epoch = state.get("best_epoch")
         self.best_results = state.get("best_results")
-        set_rng_state(state["rng"])
+        self.thresholds = state.get("thresholds")
+        per_rank = state.get("rng_per_rank")
+        if per_rank and len(per_rank) == self.world:
+            set_rng_state(per_rank[self.rank])
+        else:
+            set_rng_state(state["rng"])
 
     def resume(self, path=None):
         path = Path(path or self.ckpt_dir / "last.pth")
         state = load_checkpoint(path, map_location=self.device)
         self.load_state(state, resume=True)
-        self.logger.info(f"resumed from {path} at epoch {self.start_epoch}")
+        where = f" step {self.start_step}" if self.start_step else ""
+        self.logger.info(f"resumed from {path} after epoch {self.start_epoch}{where}")
 
     # ------------------------------------------------------------------ training
-    def train_one_epoch(self, epoch):
+    def to_device(self, batch):
+        """Tensors to the device; heads that learn from masks/labels (DMAD) read them too."""
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+
+    def prepare_modules(self):
+        """Stage one of two-stage methods: a module with ``prepare(trainer)`` (e.g. a memory
+        bank built from the training set) runs it once before the first epoch; its result
+        lives in the module's state and so in every checkpoint."""
+        for name in self.model.module_names:
+            module = getattr(self.model, name)
+            if hasattr(module, "prepare"):
+                self.logger.info(f"preparing '{name}' ({type(module).__name__})")
+                module.prepare(self)
+
+    def train_one_epoch(self, epoch, start_step=0):
+        self._ensure_cache(train=True)
         self.model.train()
         self.loader_gen.manual_seed(self.seed * 1000003 + epoch)
-        n = len(self.train_loader)
+        self.sampler.set_epoch(epoch, start_step * self.batch_size)
+        n = start_step + len(self.train_loader)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.max_epoch}",
-                   disable=not self.progress, leave=False, dynamic_ncols=True)
+                   disable=not self.progress, leave=False, dynamic_ncols=True,
+                   initial=start_step, total=n)
         total, count = 0.0, 0
-        for step, batch in enumerate(bar):
-            image = batch["image"].to(self.device, non_blocking=True)
+        for step, batch in enumerate(bar, start=start_step):
+            inputs = self.to_device(batch)
+            batch_size = len(batch["index"])
             with torch.autocast(self.device.type, dtype=self.amp_dtype,
                                 enabled=self.amp_dtype is not None):
-                outputs = self.model({"image": image})
+                outputs = self.train_net(inputs)
                 loss, parts = self.criterion(outputs)
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch + 1}, step "
-                                         f"{step + 1}; the last good checkpoint is kept in "
-                                         f"{self.ckpt_dir}")
+                where = f"epoch {epoch + 1}, step {step + 1}"
+                self.bad_steps += 1
+                if self.on_nonfinite != "skip" or self.bad_steps > self.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} at {where}; training stopped, the last good "
+                        f"checkpoint is kept in {self.ckpt_dir} (trainer.on_nonfinite: skip "
+                        f"skips such steps, up to trainer.max_nonfinite_steps)")
+                self.logger.warning(f"loss is {loss.item()} at {where}: step skipped "
+                                    f"({self.bad_steps} so far)")
+                self.optimizer.zero_grad(set_to_none=True)
+                continue
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.clip:
@@ -231,8 +420,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             value = loss.item()
-            total += value * image.shape[0]
-            count += image.shape[0]
+            total += value * batch_size
+            count += batch_size
             bar.set_postfix(loss=f"{value:.4f}")
             gstep = epoch * n + step
             if (step + 1) % self.print_freq == 0 or step + 1 == n:
@@ -240,12 +429,40 @@ class Trainer:
                 for name, part in parts.items():
                     self.writer.add_scalar(f"train/{name}", part.item(), gstep)
                 self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], gstep)
+            if self._stop_requested():
+                self.interrupt(epoch, step + 1)
         return total / max(count, 1)
+
+    def _stop_requested(self):
+        """Under DDP every rank must stop at the same step (the checkpoint is collective)."""
+        flag = self._signal is not None
+        if self.world > 1:
+            t = torch.tensor([int(flag)], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(t.item())
+            if flag and self._signal is None:
+                self._signal = signal.SIGTERM
+        return flag
+
+    def interrupt(self, epoch, step):
+        path = self.ckpt_dir / "last.pth"
+        self.save(epoch, "last.pth", step)
+        name = signal.Signals(self._signal).name
+        raise TrainingInterrupted(self._signal, f"{name} at epoch {epoch + 1}, step {step}: "
+                                  f"checkpoint written to {path}; continue with --resume")
+
+    def _on_signal(self, signum, frame):
+        if self._signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self._signal = signum
+        self.logger.warning(f"{signal.Signals(signum).name} received: saving a checkpoint "
+                            f"after this step (send again to stop at once)")
 
     def fit(self):
         if self.optimizer is None:
             raise ValueError("nothing to train: every module in net is frozen")
-        save_config(self.cfg, self.work_dir / "config.yaml")
+        if self.is_main:
+            save_config(self.cfg, self.work_dir / "config.yaml")
         log = self.logger
         log.info(f"work_dir: {self.work_dir}")
         log.info(f"device: {self.device}; train images: {len(self.train_set)}, test images: "
@@ -253,9 +470,28 @@ class Trainer:
         n_train = sum(p.numel() for p in self.model.trainable_parameters())
         log.info(f"trainable parameters: {n_train / 1e6:.2f} M")
         t0 = time.time()
+        if self.start_epoch == 0 and self.start_step == 0:
+            self.prepare_modules()
+        handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        try:
+            self._fit_epochs(t0)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            self.close()
+        return self.best_results
+
+    def _fit_epochs(self, t0):
+        log = self.logger
         for epoch in range(self.start_epoch, self.max_epoch):
             t_epoch = time.time()
-            loss = self.train_one_epoch(epoch)
+            start = self.start_step if epoch == self.start_epoch else 0
+            loss = self.train_one_epoch(epoch, start)
             if self.scheduler:
                 self.scheduler.step()
             log.info(f"epoch {epoch + 1}/{self.max_epoch} loss {loss:.5f} "
@@ -270,22 +506,30 @@ class Trainer:
                 if self.best_epoch is None or value > self.best_metric:
                     self.best_metric, self.best_epoch = value, done
                     self.best_results = results
-                    save_checkpoint(self.state_dict(done), self.ckpt_dir / "best.pth")
+                    self.save(done, "best.pth")
                     log.info(f"new best {self.key_metric} {value:.4f} at epoch {done}")
-            save_checkpoint(self.state_dict(done), self.ckpt_dir / "last.pth")
+            self.save(done, "last.pth")
+            if self._stop_requested():  # arrived during evaluation
+                self.interrupt(done, 0)
         log.info(f"training done in {time.time() - t0:.1f}s; best {self.key_metric} "
                  f"{self.best_metric:.4f} at epoch {self.best_epoch}")
         if self.best_results is not None:
             self.report(self.best_results, title=f"best epoch {self.best_epoch}")
-        self.close()
-        return self.best_results
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_now(self, epoch=None):
-        inf = run_inference(self.model, self.test_loader, self.device, self.score_cfg,
+        """Metrics of the current weights; also sets ``self.thresholds`` (saved with the next
+        checkpoint) and ``self.last_inference`` (maps and scores, for pictures)."""
+        self._ensure_cache(train=False)
+        inf = run_inference(self.net, self.test_loader, self.device, self.score_cfg,
                             self.amp_dtype, progress=self.progress)
+        if self.world > 1:
+            inf = gather_inference(du.all_gather_objects(inf))
         per_class, mean = metrics_from_inference(inf, self.metrics, self.classes)
         results = {"protocol": self.protocol(), "per_class": per_class, "mean": mean}
+        self.thresholds = compute_thresholds(inf, self.score_cfg, self.classes,
+                                             normal_percentile(self.cfg), epoch)
+        self.last_inference = inf
         if epoch is not None:
             results["epoch"] = epoch
             for name, value in mean.items():
@@ -295,21 +539,45 @@ class Trainer:
                 for name, value in values.items():
                     if value is not None:
                         self.writer.add_scalar(f"val/{cls}/{name}", value, epoch)
+            log_evaluation_images(self.writer, inf, self.test_set, self.thresholds, epoch,
+                                  vis_settings(self.cfg))
             self.logger.info(f"evaluation at epoch {epoch}:\n" +
                              results_table(results, fmt="simple"))
         return results
 
-    def evaluate(self, checkpoint):
+    def evaluate(self, checkpoint, vis=False):
+        """Evaluate a checkpoint (left unchanged): results.json/md, per-image ``scores.csv``,
+        ``thresholds.json`` and, with ``vis``, panels under ``<work_dir>/vis/<class>/<defect>``."""
         state = load_checkpoint(checkpoint, map_location=self.device)
         self.load_state(state, resume=False)
         results = self.evaluate_now()
         results["checkpoint"] = str(checkpoint)
         results["epoch"] = state.get("epoch")
+        self.thresholds["epoch"] = state.get("epoch")
         self.report(results, title=f"checkpoint {checkpoint}")
+        if not self.is_main:
+            self.close()
+            return results
+        write_thresholds(self.thresholds, self.work_dir)
+        write_scores(self.last_inference, self.thresholds, self.work_dir)
+        if vis:
+            settings = vis_settings(self.cfg)
+            paths = write_panels(self.last_inference, self.test_set, self.thresholds,
+                                 self.work_dir / "vis", settings["normalize"],
+                                 settings["max_images"], settings["alpha"])
+            self.logger.info(f"{len(paths)} panels written under {self.work_dir / 'vis'}")
         self.close()
         return results
 
+    def save(self, epoch, name, step=0):
+        state = self.state_dict(epoch, step)  # every rank: it gathers RNG states
+        if self.is_main:
+            save_checkpoint(state, self.ckpt_dir / name)
+        du.barrier()
+
     def report(self, results, title):
+        if not self.is_main:
+            return
         write_results(results, self.work_dir)
         self.logger.info(f"results ({title})\n{protocol_line(results['protocol'])}\n" +
                          results_table(results, fmt="simple"))
@@ -318,3 +586,5 @@ class Trainer:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self.lock is not None:
+            self.lock.release()

@@ -1,1 +1,2 @@
 """Anomaly-scoring heads (DMAD)."""
+from models.heads.dmad import DMAD, PatchBCELoss, PatchFocalLoss  # noqa: F401

@@ -3,6 +3,10 @@
 Tokens are batch-first (B, L, C) and attention runs through ``F.scaled_dot_product_attention``
 with the neighbour mask built once as a buffer. Parameter names match ``nn.MultiheadAttention``
 (``in_proj_weight``, ``in_proj_bias``, ``out_proj``) so UniAD checkpoints load unchanged.
+
+``attn_impl: reference`` runs the same weights the way the UniAD code does (sequence-first
+``F.multi_head_attention_forward`` with a float -inf mask rebuilt by loops every forward); it
+exists so ``tools/benchmark.py --compare`` can measure the fast path against it.
 """
 import copy
 import math
@@ -10,6 +14,18 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def neighbor_mask_loops(feature_size, neighbor_size):
+    """UniAD's construction, kept for the reference-style path (rebuilt every forward there)."""
+    h, w = feature_size
+    hm, wm = neighbor_size
+    mask = torch.ones(h, w, h, w, dtype=torch.bool)
+    for i in range(h):
+        for j in range(w):
+            mask[i, j, max(i - hm // 2, 0):min(i + hm // 2 + 1, h),
+                 max(j - wm // 2, 0):min(j + wm // 2 + 1, w)] = False
+    return mask.view(h * w, h * w)
 
 
 def neighbor_mask(feature_size, neighbor_size):
@@ -33,6 +49,7 @@ class MultiheadAttention(nn.Module):
 
     def __init__(self, dim, num_heads, dropout=0.0):
         super().__init__()
+        self.impl = "sdpa"
         if dim % num_heads:
             raise ValueError(f"hidden_dim {dim} is not divisible by nhead {num_heads}")
         self.dim, self.num_heads, self.dropout = dim, num_heads, dropout
@@ -43,6 +60,8 @@ class MultiheadAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, query, key, value, attn_mask=None):
+        if self.impl == "reference":
+            return self._reference(query, key, value, attn_mask)
         b, lq, c = query.shape
         wq, wk, wv = self.in_proj_weight.chunk(3)
         bq, bk, bv = self.in_proj_bias.chunk(3)
@@ -53,6 +72,18 @@ class MultiheadAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(b, lq, c))
+
+    def _reference(self, query, key, value, attn_mask):
+        float_mask = None
+        if attn_mask is not None:  # bool "allowed" -> UniAD's additive -inf mask
+            float_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)
+            float_mask.masked_fill_(~attn_mask, float("-inf"))
+        out, _ = F.multi_head_attention_forward(
+            query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), self.dim,
+            self.num_heads, self.in_proj_weight, self.in_proj_bias, None, None, False,
+            self.dropout, self.out_proj.weight, self.out_proj.bias, training=self.training,
+            need_weights=False, attn_mask=float_mask)
+        return out.transpose(0, 1)
 
 
 def _activation(name):
@@ -143,12 +174,27 @@ class Transformer(nn.Module):
             if len(self.use_mask) != 3:
                 raise ValueError("neighbor_mask.mask must have 3 booleans [enc, dec1, dec2]")
             size = neighbor_mask_cfg.get("neighbor_size", [7, 7])
+            self.feature_size, self.neighbor_size = tuple(feature_size), tuple(size)
             self.register_buffer("mask", neighbor_mask(feature_size, size), persistent=False)
         else:
             self.mask = None
 
+    def set_attn_impl(self, impl):
+        """'sdpa' (default, mask built once) or 'reference' (UniAD-style, see module doc)."""
+        if impl not in ("sdpa", "reference"):
+            raise ValueError(f"attn_impl must be 'sdpa' or 'reference', got '{impl}'")
+        self.attn_impl = impl
+        for module in self.modules():
+            if isinstance(module, MultiheadAttention):
+                module.impl = impl
+
     def _mask(self, i):
-        return self.mask if self.use_mask[i] else None
+        if not self.use_mask[i]:
+            return None
+        if getattr(self, "attn_impl", "sdpa") == "reference":
+            return neighbor_mask_loops(self.feature_size, self.neighbor_size).to(
+                self.mask.device)
+        return self.mask
 
     def encode(self, src, pos):
         for layer in self.encoder_layers:

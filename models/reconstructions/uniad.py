@@ -56,6 +56,11 @@ class FeatureReconstruction(nn.Module):
         b = decoded.shape[0]
         h, w = self.feature_size
         feature_rec = self.output_proj(decoded).transpose(1, 2).reshape(b, -1, h, w)
+        return self.compare(feature_rec, feature_align)
+
+    def compare(self, feature_rec, feature_align):
+        """Anomaly map from the (rec, target) pair; a subclass may transform the pair first
+        (DuMeNet's optional sigmoid squashing)."""
         pred = torch.sqrt(((feature_rec - feature_align) ** 2).sum(dim=1, keepdim=True))
         pred = F.interpolate(pred, scale_factor=self.instrides[0], mode="bilinear",
                              align_corners=True)
@@ -73,12 +78,14 @@ class UniAD(FeatureReconstruction):
     def __init__(self, inplanes, instrides, feature_size, hidden_dim=256, pos_embed_type="learned",
                  nhead=8, num_encoder_layers=4, num_decoder_layers=4, dim_feedforward=1024,
                  dropout=0.1, activation="relu", normalize_before=False,
-                 feature_jitter=None, neighbor_mask=None, initializer=None, save_recon=None):
+                 feature_jitter=None, neighbor_mask=None, initializer=None, save_recon=None,
+                 attn_impl="sdpa"):
         super().__init__(inplanes, instrides, feature_size, hidden_dim, pos_embed_type,
                          feature_jitter)
         self.transformer = Transformer(hidden_dim, feature_size, neighbor_mask, nhead,
                                        num_encoder_layers, num_decoder_layers, dim_feedforward,
                                        dropout, activation, normalize_before)
+        self.transformer.set_attn_impl(attn_impl)
         if save_recon:
             raise ValueError("save_recon is not supported; use tools/predict.py for outputs")
         initialize_from_cfg(self, initializer)

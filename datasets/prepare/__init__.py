@@ -1,0 +1,49 @@
+"""Dataset preparation: each source as distributed -> UniAD JSON-lines manifests.
+
+One module per source (``mvtec``, ``visa``, ``cifar10``, ``folder``, ``ader``) scans and
+returns a :class:`Prepared`; :func:`check_records` validates files; ``cache`` prepares on the
+fly for ``dataset.data_root`` and reuses the result while the source is unchanged.
+``tools/prepare_data.py`` is the command-line front end.
+"""
+from pathlib import Path
+
+from datasets.prepare.common import (Prepared, PrepareError, check_records, summary,  # noqa
+                                     summary_table, write_prepared)
+
+SOURCES = ("mvtec", "visa", "cifar10", "ader", "folder")
+
+
+def _module(source):
+    import importlib
+
+    if source not in SOURCES:
+        raise PrepareError(f"unknown dataset source '{source}'; choose from {', '.join(SOURCES)}")
+    return importlib.import_module(f"datasets.prepare.{source}")
+
+
+def _folder_args(root, options):
+    """``dataset.type: folder`` with a data_root: ``good/`` plus optional ``bad/``, ``masks/``."""
+    root = Path(root)
+    sub = lambda *names: next((str(root / n) for n in names if (root / n).is_dir()), None)  # noqa
+    return dict(good=sub("good", "normal", "ok") or str(root / "good"),
+                bad=sub("bad", "defective", "anomaly", "ng"),
+                masks=sub("masks", "mask", "ground_truth"), root=str(root), **options)
+
+
+def build_source(source, root, classes=None, export_dir=None, **options):
+    """Records of one source rooted at ``root`` (a folder, or an ADer meta.json file)."""
+    mod = _module(source)
+    if source == "cifar10":
+        return mod.build(root, export_dir=export_dir, **options)
+    if source == "folder":
+        return mod.build(**_folder_args(root, options))
+    return mod.build(root, classes=classes, **options)
+
+
+def source_fingerprint(source, root, classes=None, **options):
+    mod = _module(source)
+    if source == "cifar10":
+        return mod.fingerprint(root)
+    if source == "folder":
+        return mod.fingerprint(**_folder_args(root, options))
+    return mod.fingerprint(root, classes=classes)

@@ -1,0 +1,71 @@
+"""The unified semi-supervised protocol: a few annotated anomalies per class move from the test
+set into training.
+
+``dataset.seen_anomalies: {num_per_class: k, seed: s, classes: [...] | null, join_training}``
+draws ``k`` anomalous test images (with their masks) per class, deterministically by ``seed``,
+removes them from the test set and, with ``join_training: true`` (default), appends them to the
+training records as labelled anomalies. ``classes`` limits which classes give anomalies (DMAD's
+cross-class analysis); ``join_training: false`` only removes them, which evaluates an
+unsupervised model on exactly the semi-supervised run's test set.
+"""
+import zlib
+
+import numpy as np
+
+
+def split_seen_anomalies(test_records, num_per_class, seed=0, classes=None):
+    """(seen, remaining_test): ``num_per_class`` anomalous records drawn per class.
+
+    The draw for a class depends only on (seed, class name, that class's anomalous file names),
+    not on the other classes or the record order. A class must keep at least one anomaly for
+    testing; an anomaly without a mask is refused (the Filter needs pixel annotations).
+    """
+    k = int(num_per_class)
+    if k < 0:
+        raise ValueError(f"dataset.seen_anomalies.num_per_class must be >= 0, got {k}")
+    present = sorted({r["clsname"] for r in test_records})
+    chosen_classes = present if classes is None else list(classes)
+    missing = [c for c in chosen_classes if c not in present]
+    if missing:
+        raise ValueError(f"dataset.seen_anomalies.classes: {missing} not among the test classes "
+                         f"({', '.join(present)})")
+    if k == 0:
+        return [], list(test_records)
+    take = set()
+    for cls in chosen_classes:
+        anomalous = sorted((r["filename"], i) for i, r in enumerate(test_records)
+                           if r["clsname"] == cls and int(r["label"]) == 1)
+        if len(anomalous) <= k:
+            raise ValueError(f"dataset.seen_anomalies.num_per_class {k}: class '{cls}' has only "
+                             f"{len(anomalous)} anomalous test image(s); at least one must stay "
+                             f"in the test set")
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(cls.encode())])
+        for j in sorted(rng.permutation(len(anomalous))[:k].tolist()):
+            name, i = anomalous[j]
+            if not test_records[i].get("maskname"):
+                raise ValueError(f"dataset.seen_anomalies: anomalous test image {name} has no "
+                                 f"mask (maskname); seen anomalies need pixel annotations")
+            take.add(i)
+    seen = [dict(test_records[i]) for i in sorted(take)]
+    remaining = [r for i, r in enumerate(test_records) if i not in take]
+    return seen, remaining
+
+
+def apply_seen_anomalies(ds_cfg, train_records, test_records):
+    """``dataset.seen_anomalies`` applied: (train_records, test_records, protocol info or None)."""
+    cfg = dict(ds_cfg.get("seen_anomalies") or {})
+    if not cfg or not int(cfg.get("num_per_class", 0)):
+        return train_records, test_records, None
+    unknown = sorted(set(cfg) - {"num_per_class", "seed", "classes", "join_training"})
+    if unknown:
+        raise ValueError(f"dataset.seen_anomalies: unknown key(s) {unknown}")
+    k, seed = int(cfg["num_per_class"]), int(cfg.get("seed", 0))
+    classes = cfg.get("classes")
+    seen, test_records = split_seen_anomalies(test_records, k, seed, classes)
+    join = bool(cfg.get("join_training", True))
+    if join:
+        train_records = list(train_records) + seen
+    info = {"num_per_class": k, "seed": seed,
+            "classes": None if classes is None else list(classes),
+            "join_training": join, "files": [r["filename"] for r in seen]}
+    return train_records, test_records, info

@@ -1,0 +1,443 @@
+"""Dataset preparation on small generated trees: counts and fields of every builder, the cache,
+and bad inputs failing with the file or class named."""
+import json
+import os
+import pickle
+
+import cv2
+import numpy as np
+import pytest
+from easydict import EasyDict
+
+from datasets.manifest import read_manifest
+from datasets.prepare import PrepareError, ader, check_records, cifar10, folder, mvtec, visa
+from datasets.prepare import cache as cache_mod
+from tools import prepare_data
+
+
+def png(path, value=0, size=(16, 16), channels=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = size[::-1] + ((channels,) if channels else ())
+    assert cv2.imwrite(str(path), np.full(shape, value, np.uint8))
+    return path
+
+
+def make_mvtec(root, classes=("bottle", "tile"), n_train=4, defects=("crack", "scratch"),
+               n_defect=2, n_good=2, size=(16, 16)):
+    for cls in classes:
+        for i in range(n_train):
+            png(root / cls / "train" / "good" / f"{i:03d}.png", 10, size)
+        for i in range(n_good):
+            png(root / cls / "test" / "good" / f"{i:03d}.png", 10, size)
+        for d in defects:
+            for i in range(n_defect):
+                png(root / cls / "test" / d / f"{i:03d}.png", 200, size)
+                png(root / cls / "ground_truth" / d / f"{i:03d}_mask.png", 255, size)
+    return root
+
+
+@pytest.fixture
+def mvtec_tree(tmp_path):
+    return make_mvtec(tmp_path / "mvtec")
+
+
+def run_cli(argv, capsys):
+    code = prepare_data.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ----------------------------------------------------------------------------- MVTec
+
+def test_mvtec_cli_counts_fields_and_default_out(mvtec_tree, capsys):
+    code, out, _ = run_cli(["mvtec", "--root", str(mvtec_tree)], capsys)
+    assert code == 0
+    train = read_manifest(mvtec_tree / "train.json")
+    test = read_manifest(mvtec_tree / "test.json")
+    assert len(train) == 8 and len(test) == 2 * (2 + 2 * 2)
+    assert sum("maskname" in r for r in test) == 8
+    for r in train + test:
+        assert (mvtec_tree / r["filename"]).is_file()
+        assert r["label_name"] == ("defective" if r["label"] else "good")
+        if r["label"]:
+            assert r["maskname"].replace("ground_truth", "test").replace("_mask", "") == \
+                r["filename"]
+    assert "bottle" in out and "with mask" in out and str(mvtec_tree / "train.json") in out
+
+
+def test_mvtec_subset_of_classes_and_out_dir(mvtec_tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, _ = run_cli(["mvtec", "--root", str(mvtec_tree), "--classes", "tile",
+                          "--out", str(out)], capsys)
+    assert code == 0
+    recs = read_manifest(out / "train.json") + read_manifest(out / "test.json")
+    assert {r["clsname"] for r in recs} == {"tile"} and len(recs) == 4 + 6
+    assert not (mvtec_tree / "train.json").exists()
+
+
+def test_mvtec_any_number_of_defect_folders(tmp_path):
+    root = make_mvtec(tmp_path / "m", classes=("a",), defects=("d1", "d2", "d3", "d4", "d5"),
+                      n_defect=1)
+    p = mvtec.build(root)
+    assert sorted({r["filename"].split("/")[2] for r in p.test}) == \
+        ["d1", "d2", "d3", "d4", "d5", "good"]
+
+
+def test_mvtec_defect_without_ground_truth_folder_is_whole_image(mvtec_tree):
+    png(mvtec_tree / "tile" / "test" / "glue" / "000.png", 50)
+    p = check_records(mvtec.build(mvtec_tree))
+    glue = [r for r in p.test if "/glue/" in r["filename"]]
+    assert glue == [{"filename": "tile/test/glue/000.png", "label": 1,
+                     "label_name": "defective", "clsname": "tile"}]
+
+
+@pytest.mark.parametrize("breakage, pattern", [
+    ("missing_mask", r"bottle/test/crack/001\.png has no mask.*001_mask\.png"),
+    ("mask_size", r"mask .*bottle/ground_truth/crack/000_mask\.png is 8x8 but its image "
+                  r".*000\.png is 16x16"),
+    ("unreadable", r"cannot read image .*bottle/test/good/000\.png"),
+    ("unreadable_mask", r"cannot read mask .*scratch/001_mask\.png"),
+    ("empty_class", r"class 'bottle' has no training images"),
+    ("no_test", r"class 'tile' has no test images"),
+])
+def test_mvtec_bad_inputs_name_the_file_or_class(mvtec_tree, tmp_path, capsys, breakage,
+                                                 pattern):
+    b, t = mvtec_tree / "bottle", mvtec_tree / "tile"
+    if breakage == "missing_mask":
+        (b / "ground_truth" / "crack" / "001_mask.png").unlink()
+    elif breakage == "mask_size":
+        png(b / "ground_truth" / "crack" / "000_mask.png", 255, (8, 8))
+    elif breakage == "unreadable":
+        (b / "test" / "good" / "000.png").write_bytes(b"not a png at all")
+    elif breakage == "unreadable_mask":
+        (b / "ground_truth" / "scratch" / "001_mask.png").write_bytes(b"\x89PNG broken")
+    elif breakage == "empty_class":
+        for p in (b / "train" / "good").iterdir():
+            p.unlink()
+    elif breakage == "no_test":
+        import shutil
+        shutil.rmtree(t / "test")
+    code, _, err = run_cli(["mvtec", "--root", str(mvtec_tree), "--out", str(tmp_path / "o")],
+                           capsys)
+    assert code == 2
+    assert err.startswith("error: ")
+    import re
+    assert re.search(pattern, err), err
+    assert not (tmp_path / "o" / "train.json").exists()
+
+
+def test_mvtec_unknown_class_lists_available(mvtec_tree, capsys):
+    code, _, err = run_cli(["mvtec", "--root", str(mvtec_tree), "--classes", "bottel"], capsys)
+    assert code == 2 and "bottel" in err and "bottle" in err and "tile" in err
+
+
+def test_missing_root(tmp_path, capsys):
+    code, _, err = run_cli(["mvtec", "--root", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "nowhere" in err
+
+
+# ----------------------------------------------------------------------------- VisA
+
+def make_visa_release(root, classes=("candle", "pcb1")):
+    rows = ["object,split,label,image,mask"]
+    for cls in classes:
+        d = root / cls / "Data"
+        for i in range(3):
+            png(d / "Images" / "Normal" / f"{i:04d}.JPG", 30, (20, 12), 3)
+            rows.append(f"{cls},train,normal,{cls}/Data/Images/Normal/{i:04d}.JPG,")
+        png(d / "Images" / "Normal" / "0003.JPG", 30, (20, 12), 3)
+        rows.append(f"{cls},test,normal,{cls}/Data/Images/Normal/0003.JPG,")
+        for i in range(2):
+            png(d / "Images" / "Anomaly" / f"{i:03d}.JPG", 90, (20, 12), 3)
+            m = np.zeros((12, 20), np.uint8)
+            m[2:5, 3:9] = i + 1  # raw VisA masks hold small label values
+            (d / "Masks" / "Anomaly").mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(d / "Masks" / "Anomaly" / f"{i:03d}.png"), m)
+            rows.append(f"{cls},test,anomaly,{cls}/Data/Images/Anomaly/{i:03d}.JPG,"
+                        f"{cls}/Data/Masks/Anomaly/{i:03d}.png")
+    (root / "split_csv").mkdir(parents=True, exist_ok=True)
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_visa_release_csv(tmp_path, capsys):
+    root = make_visa_release(tmp_path / "VisA")
+    code, _, _ = run_cli(["visa", "--root", str(root)], capsys)
+    assert code == 0
+    train, test = read_manifest(root / "train.json"), read_manifest(root / "test.json")
+    assert len(train) == 6 and len(test) == 6
+    assert {r["clsname"] for r in train} == {"candle", "pcb1"}
+    anom = [r for r in test if r["label"] == 1]
+    assert len(anom) == 4 and all(r["maskname"].startswith(r["clsname"] + "/Data/Masks/")
+                                  for r in anom)
+    assert all("maskname" not in r for r in test if r["label"] == 0)
+    p = visa.build(root, classes=["pcb1"])
+    assert {r["clsname"] for r in p.train + p.test} == {"pcb1"}
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda rows: rows[:1] + [rows[-1].rsplit(",", 1)[0] + ","], r"1cls\.csv, line 2: .*no mask"),
+    (lambda rows: ["object,split,label,image"] + rows[1:], r"missing column.*mask"),
+    (lambda rows: rows[:1] + [rows[1].replace("normal", "good")], r"line 2: label must be"),
+])
+def test_visa_csv_errors_name_line(tmp_path, edit, pattern):
+    root = make_visa_release(tmp_path / "VisA", classes=("candle",))
+    csv_path = root / "split_csv" / "1cls.csv"
+    rows = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join(edit(rows)) + "\n")
+    with pytest.raises(PrepareError, match=pattern):
+        visa.build(root)
+
+
+def test_visa_unknown_class(tmp_path):
+    root = make_visa_release(tmp_path / "VisA")
+    with pytest.raises(PrepareError, match=r"unknown class.*'capsule'.*candle"):
+        visa.build(root, classes=["capsule"])
+
+
+def test_visa_converted_tree_masks_without_suffix(tmp_path):
+    root = tmp_path / "visa_mvtec"
+    png(root / "candle" / "train" / "good" / "000.JPG", 5, (12, 12), 3)
+    png(root / "candle" / "test" / "good" / "001.JPG", 5, (12, 12), 3)
+    png(root / "candle" / "test" / "bad" / "002.JPG", 5, (12, 12), 3)
+    png(root / "candle" / "ground_truth" / "bad" / "002.png", 255, (12, 12))
+    p = check_records(visa.build(root))
+    assert p.test[0]["maskname"] == "candle/ground_truth/bad/002.png"
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+def make_cifar_tree(root, n_train=6, n_test=3):
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c, name in enumerate(cifar10.CLASSES):
+            for i in range(n):
+                png(root / split / name / f"{i:04d}.jpg", 20 * c, (32, 32), 3)
+    return root
+
+
+def test_cifar_tree_protocol_counts(tmp_path, capsys):
+    root = make_cifar_tree(tmp_path / "cifar")
+    out = tmp_path / "m01234"
+    code, _, _ = run_cli(["cifar10", "--root", str(root), "--normal", "01234", "--out",
+                          str(out)], capsys)
+    assert code == 0
+    train, test = read_manifest(out / "train.json"), read_manifest(out / "test.json")
+    normal = set(cifar10.CLASSES[:5])
+    assert len(train) == 30 and {r["specie_name"] for r in train} == normal
+    assert all(r["label"] == 0 and r["clsname"] == "cifar10" for r in train)
+    good = [r for r in test if r["label"] == 0]
+    bad = [r for r in test if r["label"] == 1]
+    assert len(good) == 15 and len(bad) == 15
+    assert {r["specie_name"] for r in good} == normal
+    assert not {r["specie_name"] for r in bad} & normal
+    assert all("maskname" not in r for r in test)
+
+
+def test_cifar_anomalous_draw_by_seed(tmp_path):
+    root = make_cifar_tree(tmp_path / "cifar", n_train=2, n_test=4)
+    a = cifar10.build(root, [0, "automobile"], seed=0)
+    b = cifar10.build(root, ["airplane", 1], seed=0)
+    c = cifar10.build(root, [0, 1], seed=1)
+    assert a.test == b.test and a.train == b.train
+    bad = lambda p: [r["filename"] for r in p.test if r["label"]]  # noqa: E731
+    assert len(bad(a)) == 8 and len(set(bad(a))) == 8
+    assert bad(a) != bad(c)  # 8 of 32 anomalous images: another seed draws others
+    assert {r["specie_name"] for r in a.test if r["label"]} <= set(cifar10.CLASSES[2:])
+
+
+@pytest.mark.parametrize("normal, pattern", [
+    ([0, 0], "given twice"), ([10], "out of range"), (["cats"], "unknown CIFAR-10 class"),
+    (list(range(10)), "nothing is anomalous"), ([], "no normal classes"),
+])
+def test_cifar_bad_normal_classes(tmp_path, normal, pattern):
+    root = make_cifar_tree(tmp_path / "cifar", 1, 1)
+    with pytest.raises(PrepareError, match=pattern):
+        cifar10.build(root, normal)
+
+
+def test_cifar_missing_class_folder(tmp_path):
+    root = make_cifar_tree(tmp_path / "cifar", 1, 1)
+    import shutil
+    shutil.rmtree(root / "test" / "frog")
+    with pytest.raises(PrepareError, match=r"class folder missing: .*test/frog"):
+        cifar10.build(root)
+
+
+def write_cifar_pickles(folder, n_per_batch=10, n_test=10, seed=0):
+    """The official format: bytes keys, N x 3072 uint8 rows (R, G, B planes), int labels."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    batches = {}
+    for name in (*cifar10.TRAIN_BATCHES, cifar10.TEST_BATCH):
+        n = n_test if name == cifar10.TEST_BATCH else n_per_batch
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [int(x) for x in rng.permutation(n) % 10]  # every class present
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                         b"filenames": [b"x.png"] * n}, f, protocol=2)
+        batches[name] = (data, labels)
+    return batches
+
+
+def test_cifar_pickles_exported_pixel_exact(tmp_path, capsys):
+    batches = write_cifar_pickles(tmp_path / "raw" / "cifar-10-batches-py")
+    out = tmp_path / "out"
+    code, _, _ = run_cli(["cifar10", "--root", str(tmp_path / "raw"), "--normal", "0", "7",
+                          "--out", str(out)], capsys)
+    assert code == 0
+    img_dir = out / "cifar10_png"
+    data, labels = batches["data_batch_1"]
+    first = labels.index(0)  # the first airplane of the first batch is 00000.png
+    png_rgb = cv2.imread(str(img_dir / "train" / "airplane" / "00000.png"))[:, :, ::-1]
+    assert np.array_equal(png_rgb, data[first].reshape(3, 32, 32).transpose(1, 2, 0))
+    n_train = sum(sum(1 for lab in labels if lab in (0, 7))
+                  for name, (_, labels) in batches.items() if name != cifar10.TEST_BATCH)
+    assert len(read_manifest(out / "train.json")) == n_train
+    assert (img_dir / "train" / "horse" / "00000.png").is_file()
+
+
+# ----------------------------------------------------------------------------- folder
+
+def make_folder(root, n_good=10, n_bad=3, masks=True):
+    for i in range(n_good):
+        png(root / "good" / f"g{i}.png", 10)
+    for i in range(n_bad):
+        png(root / "bad" / f"b{i}.png", 200)
+        if masks:
+            png(root / "masks" / f"b{i}_mask.png", 255)
+    return root
+
+
+def test_folder_split_masks_and_class_name(tmp_path, capsys):
+    root = make_folder(tmp_path / "screws")
+    code, _, _ = run_cli(["folder", "--good", str(root / "good"), "--bad", str(root / "bad"),
+                          "--masks", str(root / "masks"), "--test-split", "0.3"], capsys)
+    assert code == 0
+    train, test = read_manifest(root / "train.json"), read_manifest(root / "test.json")
+    assert len(train) == 7 and len(test) == 3 + 3
+    assert {r["clsname"] for r in train + test} == {"screws"}
+    assert {r["filename"] for r in train}.isdisjoint(r["filename"] for r in test)
+    assert sorted(r["maskname"] for r in test if r["label"]) == \
+        ["masks/b0_mask.png", "masks/b1_mask.png", "masks/b2_mask.png"]
+    again = folder.build(root / "good", root / "bad", root / "masks", 0.3, seed=0)
+    other = folder.build(root / "good", test_split=0.3, seed=5, class_name="mine")
+    assert again.train == train
+    assert {r["filename"] for r in other.train} != {r["filename"] for r in train}
+    assert other.train[0]["clsname"] == "mine" and len(other.test) == 3
+
+
+def test_folder_bad_image_without_mask(tmp_path):
+    root = make_folder(tmp_path / "s")
+    (root / "masks" / "b1_mask.png").unlink()
+    png(root / "masks" / "b1.png", 255)  # the plain-stem name is accepted too
+    folder.build(root / "good", root / "bad", root / "masks")
+    (root / "masks" / "b1.png").unlink()
+    with pytest.raises(PrepareError, match=r"defective image .*bad/b1\.png has no mask"):
+        folder.build(root / "good", root / "bad", root / "masks")
+
+
+def test_folder_errors(tmp_path):
+    root = make_folder(tmp_path / "s", n_good=1)
+    with pytest.raises(PrepareError, match="no training images left"):
+        folder.build(root / "good", test_split=0.9)
+    with pytest.raises(PrepareError, match="test_split"):
+        folder.build(root / "good", test_split=1.0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PrepareError, match=r"good folder .*empty has no images"):
+        folder.build(tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------- ADer
+
+def test_ader_meta(mvtec_tree, capsys):
+    mv = mvtec.build(mvtec_tree)
+    meta = {"train": {}, "test": {}}
+    for split, recs in (("train", mv.train), ("test", mv.test)):
+        for r in recs:
+            meta[split].setdefault(r["clsname"], []).append(
+                {"img_path": r["filename"], "mask_path": r.get("maskname", ""),
+                 "cls_name": r["clsname"], "specie_name": r["filename"].split("/")[2],
+                 "anomaly": r["label"]})
+    (mvtec_tree / "meta.json").write_text(json.dumps(meta))
+    code, _, _ = run_cli(["ader", "--meta", str(mvtec_tree / "meta.json"), "--out",
+                          str(mvtec_tree / "from_ader")], capsys)
+    assert code == 0
+    test = read_manifest(mvtec_tree / "from_ader" / "test.json")
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "specie_name"} for r in rs]  # noqa
+    assert strip(test) == mv.test
+    assert strip(read_manifest(mvtec_tree / "from_ader" / "train.json")) == mv.train
+    assert {r["specie_name"] for r in test} == {"good", "crack", "scratch"}
+
+    meta["test"]["tile"][0]["anomaly"] = 2
+    (mvtec_tree / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(PrepareError, match=r"meta\.json: test\.tile\[0\]: 'anomaly'"):
+        ader.build(mvtec_tree)
+    with pytest.raises(PrepareError, match=r"unknown class.*'nut'"):
+        ader.build(mvtec_tree / "meta.json", classes=["nut"])
+
+
+# ----------------------------------------------------------------------------- cache
+
+def test_cache_in_writable_root_reused_and_invalidated(mvtec_tree, monkeypatch):
+    m = cache_mod.prepare_one("mvtec", mvtec_tree)
+    assert m.train.startswith(str(mvtec_tree / ".dualmem")) and m.image_dir == str(mvtec_tree)
+    assert len(read_manifest(m.train)) == 8
+
+    def boom(*a, **k):
+        raise AssertionError("rebuilt although nothing changed")
+
+    monkeypatch.setattr(cache_mod, "build_source", boom)
+    assert cache_mod.prepare_one("mvtec", mvtec_tree) == m
+    monkeypatch.undo()
+    png(mvtec_tree / "tile" / "train" / "good" / "new.png", 10)
+    m2 = cache_mod.prepare_one("mvtec", mvtec_tree)
+    assert m2.train == m.train and len(read_manifest(m2.train)) == 9
+
+
+def test_cache_read_only_root_goes_to_repo_data(mvtec_tree, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "REPO_ROOT", tmp_path / "repo")
+    os.chmod(mvtec_tree, 0o555)
+    try:
+        m = cache_mod.prepare_one("mvtec", mvtec_tree, classes=["bottle"])
+    finally:
+        os.chmod(mvtec_tree, 0o755)
+    assert m.train.startswith(str(tmp_path / "repo" / "data" / "manifests"))
+    assert not (mvtec_tree / ".dualmem").exists()
+    assert {r["clsname"] for r in read_manifest(m.test)} == {"bottle"}
+
+
+def test_several_roots_merge_with_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "REPO_ROOT", tmp_path / "repo")
+    a = make_mvtec(tmp_path / "a", classes=("bottle",))
+    b = make_mvtec(tmp_path / "b", classes=("pcb",), n_train=2)
+    m = cache_mod.prepare_manifests("mvtec", [a, b])
+    train = read_manifest(m.train)
+    assert m.image_dir is None and len(train) == 6
+    assert all(os.path.isabs(r["filename"]) and os.path.isfile(r["filename"]) for r in train)
+    test = read_manifest(m.test)
+    assert all(os.path.isfile(r["maskname"]) for r in test if "maskname" in r)
+    only = cache_mod.prepare_manifests("mvtec", [a, b], classes=["pcb"])
+    assert {r["clsname"] for r in read_manifest(only.train)} == {"pcb"}
+    make_mvtec(tmp_path / "c", classes=("bottle",))
+    with pytest.raises(PrepareError, match=r"class 'bottle' is in both .*a and .*c"):
+        cache_mod.prepare_manifests("mvtec", [a, tmp_path / "c"])
+    with pytest.raises(PrepareError, match=r"unknown class.*'nut'"):
+        cache_mod.prepare_manifests("mvtec", [a, b], classes=["nut", "pcb"])
+
+
+def test_locate_manifests_from_config(mvtec_tree, tmp_path):
+    from datasets.builder import locate_manifests
+
+    cfg_dir = tmp_path / "exp"
+    cfg_dir.mkdir()
+    cfg = EasyDict({"config_path": str(cfg_dir / "config.yaml"),
+                    "dataset": {"type": "mvtec", "data_root": "../mvtec"}})
+    train, test, image_dir = locate_manifests(cfg, ["tile"])
+    assert image_dir == str(mvtec_tree)
+    assert {r["clsname"] for r in read_manifest(train)} == {"tile"}
+    cfg.dataset.type = "explicit"
+    with pytest.raises(ValueError, match="dataset.data_root is set but dataset.type"):
+        locate_manifests(cfg)
+    cfg.dataset.type, cfg.dataset.data_root = "mvtec", None
+    with pytest.raises(ValueError, match=r"dataset.train.meta_file.*--data_root"):
+        locate_manifests(cfg)

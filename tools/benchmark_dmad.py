@@ -1,0 +1,148 @@
+"""Measure DMAD's stage one: bank-building time, bank sizes, bank memory and peak memory, plus
+the retrieval cost of inference, on a config's real training data.
+
+    python tools/benchmark_dmad.py --config experiments/demo/dmad.yaml [--out bench.json]
+    python tools/benchmark_dmad.py --config experiments/MVTec-AD/dmad/lite.yaml \
+        --data_root ../shared/data/mvtec_bottle_256 --class_name bottle --device cpu
+
+Peak memory: the process's resident set sampled every 20 ms during the build (and its growth
+over the pre-build level), plus ``torch.cuda.max_memory_allocated`` on CUDA. ``--opts`` changes
+anything (e.g. ``net.2.kwargs.bank_memory_mb=64``); ``--limit N`` builds from the first N
+training images only.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools._common import add_data_args, load_cfg  # noqa: E402
+
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+class PeakRSS:
+    """Highest resident set size seen while the block runs (a sampling thread)."""
+
+    def __init__(self, interval=0.02):
+        self.interval, self.peak, self._stop = interval, 0.0, threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mb())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.start = rss_mb()
+        self.peak = self.start
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="experiments/demo/dmad.yaml")
+    p.add_argument("--class_name", default=None)
+    add_data_args(p)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--limit", type=int, default=None, help="use the first N training images")
+    p.add_argument("--infer_batches", type=int, default=2,
+                   help="test batches timed for inference (0: skip)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--opts", nargs="*", default=[])
+    p.add_argument("--out", default="benchmark_dmad.json")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from datasets.builder import build_datasets, build_loader
+    from datasets.manifest_dataset import ManifestDataset
+    from models import ModelHelper
+    from models.heads.dmad import DMAD, feature_extractor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_cfg(args, [args.class_name] if args.class_name else None)
+    device = torch.device(args.device)
+    model = ModelHelper(cfg.net, input_size=cfg.dataset.input_size,
+                        frozen_layers=cfg.get("frozen_layers")).to(device).eval()
+    heads = [n for n in model.module_names if isinstance(getattr(model, n), DMAD)]
+    if not heads:
+        raise SystemExit(f"error: {args.config} has no DMAD module in net")
+    head = getattr(model, heads[0])
+    train_set, test_set, classes = build_datasets(cfg, model.pixel_mean, model.pixel_std,
+                                                  args.class_name)
+    base = getattr(train_set, "base", train_set)
+    records = base.records[:args.limit] if args.limit else base.records
+    plain = ManifestDataset(records, base.image_dir, base.input_size, base.pixel_mean,
+                            base.pixel_std, base.color_mode)
+    batch_size = int(cfg.dataset.get("batch_size", 8))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        info = head.build_banks(feature_extractor(model, head), plain, device,
+                                batch_size=batch_size, recipe=head.pseudo_recipe(train_set),
+                                progress=True)
+        build_s = time.perf_counter() - t0
+    result = {
+        "config": str(args.config), "classes": classes, "device": str(device),
+        "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "input_size": list(cfg.dataset.input_size), "train_images": len(records),
+        "build_seconds": build_s, "normal_bank": info["normal_bank"],
+        "abnormal_bank": info["abnormal_bank"], "feature_dim": head.dim,
+        "bank_mb": head.bank_nbytes() / 2 ** 20, "bank_memory_cap_mb": head.bank_memory_mb,
+        "rss_before_mb": mem.start, "rss_peak_mb": mem.peak,
+        "rss_growth_mb": mem.peak - mem.start, "build_info": info,
+    }
+    if device.type == "cuda":
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    if args.infer_batches:
+        loader = build_loader(test_set, batch_size, 0, shuffle=False)
+        n, t_infer = 0, 0.0
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if i >= args.infer_batches:
+                    break
+                x = {"image": batch["image"].to(device)}
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                model(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t_infer += time.perf_counter() - t
+                n += len(batch["index"])
+        result["inference_images"] = n
+        result["inference_img_per_s"] = n / t_infer if t_infer else None
+    print(f"DMAD banks from {len(records)} images ({', '.join(classes)}) on {device}: "
+          f"{build_s:.1f} s; normal bank {result['normal_bank']}, abnormal bank "
+          f"{result['abnormal_bank']} x {head.dim} = {result['bank_mb']:.2f} MB "
+          f"(cap {head.bank_memory_mb:g} MB); RSS peak {mem.peak:.0f} MB "
+          f"(+{mem.peak - mem.start:.0f} MB during the build)"
+          + (f"; CUDA peak {result['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in result else "")
+          + (f"; inference {result['inference_img_per_s']:.2f} img/s"
+             if result.get("inference_img_per_s") else ""))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
