@@ -131,8 +131,10 @@ def build_datasets(cfg, pixel_mean, pixel_std, class_name=None):
     """Returns (train_set, test_set, classes)."""
     ds = cfg.dataset
     classes = [class_name] if class_name else ds.get("classes")
+    # prepared manifests cover the configured classes, so a per-class sweep prepares (and
+    # checks) its dataset once rather than once per class
     train_meta, test_meta, image_dir = locate_manifests(
-        cfg, classes, log=logging.getLogger("dualmem").info)
+        cfg, ds.get("classes") or classes, log=logging.getLogger("dualmem").info)
     train_records, train_classes = select_classes(read_manifest(train_meta), classes, train_meta)
     test_records, test_classes = select_classes(read_manifest(test_meta), classes, test_meta)
     if not train_records:

@@ -147,3 +147,7 @@ def test_changing_type_replaces_the_kwargs_block():
     assert same["lr_scheduler"]["kwargs"] == {"step_size": 800, "gamma": 0.5}
     forced = merge_dicts(base, {"lr_scheduler": {"_delete_": True, "type": "StepLR"}})
     assert forced["lr_scheduler"] == {"type": "StepLR"}
+    # a section that merely has a type (dataset) still merges key by key
+    ds = merge_dicts({"dataset": {"type": "explicit", "batch_size": 8}},
+                     {"dataset": {"type": "mvtec"}})
+    assert ds["dataset"] == {"type": "mvtec", "batch_size": 8}

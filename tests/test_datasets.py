@@ -265,6 +265,13 @@ def test_per_class_sweep_gives_one_table_with_the_mean(tmp_path):
     assert train_per_class.main(argv + ["--resume"]) == 0
     assert (work / "disc" / "checkpoints" / "last.pth").stat().st_mtime_ns == mtime
     assert json.loads((work / "results.json").read_text())["per_class"] == res["per_class"]
+    # --evaluate re-scores every class's best checkpoint: the same table
+    assert train_per_class.main(argv + ["--evaluate", "--classes", "weave"]) == 0
+    again = json.loads((work / "results.json").read_text())
+    assert list(again["per_class"]) == ["weave"]
+    for key, value in res["per_class"]["weave"].items():
+        if value is not None:
+            assert again["per_class"]["weave"][key] == pytest.approx(value, abs=1e-6)
     # unknown class: one clear line, exit 2
     assert train_per_class.main(argv + ["--classes", "bolt"]) == 2
 
@@ -276,7 +283,8 @@ def test_unified_over_two_roots(tmp_path):
 
     a = make_mvtec(tmp_path / "a", classes=("bottle",), size=(64, 64), n_train=4)
     b = make_mvtec(tmp_path / "b", classes=("pcb",), size=(64, 64), n_train=4)
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_cfg(tmp_path, type="mvtec"))
+    cfg = write_config(tmp_path / "cfg.yaml",  # cache_dir: keep the merged manifest in tmp
+                       tiny_cfg(tmp_path, type="mvtec", cache_dir=str(tmp_path / "cache")))
     work = tmp_path / "uni"
     assert train_unified.main(["--config", str(cfg), "--data_root", str(a), "--data_root",
                                str(b), "--work_dir", str(work), "--device", "cpu",
@@ -286,3 +294,4 @@ def test_unified_over_two_roots(tmp_path):
         "unified"
     saved = yaml.safe_load((work / "config.yaml").read_text())
     assert saved["dataset"]["data_root"] == [str(a), str(b)]
+    assert len(list((tmp_path / "cache").glob("merged-*/train.json"))) == 1

@@ -472,3 +472,24 @@ def _csv(run):
 
     with open(run / "scores.csv") as f:
         return list(csv.DictReader(f))
+
+
+def test_dmad_experiment_configs_load_and_lite_builds():
+    from models import ModelHelper
+    from utils.config import load_config
+
+    files = sorted((ROOT / "experiments").glob("*/dmad/*.yaml")) + sorted(
+        (ROOT / "experiments" / "demo").glob("dmad*.yaml"))
+    files = [f for f in files if f.name != "lite_net.yaml"]  # a fragment, not a config
+    assert len(files) == 18
+    for f in files:
+        cfg = load_config(f)
+        k = cfg.dataset.seen_anomalies.num_per_class
+        stem = f.stem.replace("dmad_semi", "semi_")
+        assert k == (int(stem.rsplit("_", 1)[1]) if "semi" in stem else 0), f
+        assert cfg.net[2].type == "models.heads.DMAD"
+        assert cfg.evaluator.image_score.reduction == "topk"
+    cfg = load_config(ROOT / "experiments" / "MVTec-AD" / "dmad" / "lite_semi_5.yaml")
+    model = ModelHelper(cfg.net, input_size=cfg.dataset.input_size)
+    assert model.frozen_prefix == ["backbone", "neck"]
+    assert model.head.dim == 152 and model.head.knowledge_dim() == 5 * 152 + 2

@@ -242,8 +242,8 @@ def test_modes_build_and_train_exactly_the_memories_they_use(memory_mode, fusion
     learned_queries = [layer.learned_embed.weight for layer in model.transformer.decoder_layers]
     if memory_mode == "none":
         assert nonzero_grad(learned_queries)
-    else:  # continuous query: the read-out replaces every learned query
-        assert all(q.grad is None for q in learned_queries)
+    else:  # continuous query: the read-out replaces every learned query, which is frozen
+        assert all(q.grad is None and not q.requires_grad for q in learned_queries)
     assert nonzero_grad(model.input_proj.parameters())
 
 
@@ -277,6 +277,11 @@ def test_continuous_query_changes_the_output():
     model.continuous_query = False
     first_only = model(x)["feature_rec"]
     assert (cont - first_only).abs().max() > 1e-3
+    # built that way, the learned queries of the later layers train, the first layer's not
+    ref = small_model(memory_mode="both", continuous_query=False)
+    reconstruction_loss(ref).backward()
+    first, *later = [layer.learned_embed.weight for layer in ref.transformer.decoder_layers]
+    assert first.grad is None and not first.requires_grad and nonzero_grad(later)
     # with one decoder layer "every layer" and "the first layer" coincide
     one = small_model(memory_mode="both", num_decoder_layers=1).eval()
     a = one(x)["feature_rec"]

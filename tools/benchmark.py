@@ -174,7 +174,7 @@ def main(argv=None):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.trainable_parameters())
-    rows, results, maps = [], {}, {}
+    results, maps = {}, {}
     for name, impl, cached, dtype in variants:
         model.load_state_dict(state)  # every path starts from the same weights
         for module in model.modules():

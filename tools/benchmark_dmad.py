@@ -7,8 +7,8 @@ the retrieval cost of inference, on a config's real training data.
 
 Peak memory: the process's resident set sampled every 20 ms during the build (and its growth
 over the pre-build level), plus ``torch.cuda.max_memory_allocated`` on CUDA. ``--opts`` changes
-anything (e.g. ``net.2.kwargs.bank_memory_mb=64``); ``--limit N`` builds from the first N
-training images only.
+anything (e.g. ``net.2.kwargs.bank_memory_mb=64``); ``--limit N`` builds from N
+evenly spaced training images only.
 """
 import argparse
 import json
@@ -60,7 +60,7 @@ def main(argv=None):
     p.add_argument("--class_name", default=None)
     add_data_args(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--limit", type=int, default=None, help="use the first N training images")
+    p.add_argument("--limit", type=int, default=None, help="use N evenly spaced training images")
     p.add_argument("--infer_batches", type=int, default=2,
                    help="test batches timed for inference (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -88,7 +88,10 @@ def main(argv=None):
     train_set, test_set, classes = build_datasets(cfg, model.pixel_mean, model.pixel_std,
                                                   args.class_name)
     base = getattr(train_set, "base", train_set)
-    records = base.records[:args.limit] if args.limit else base.records
+    records = base.records
+    if args.limit and args.limit < len(records):  # evenly spaced: every class keeps a share
+        step = len(records) / args.limit
+        records = [records[int(i * step)] for i in range(args.limit)]
     plain = ManifestDataset(records, base.image_dir, base.input_size, base.pixel_mean,
                             base.pixel_std, base.color_mode)
     batch_size = int(cfg.dataset.get("batch_size", 8))

@@ -6,12 +6,14 @@ transformer, hidden 256, 7x7 neighbour mask), only the reconstruction head diffe
 global SSIM or an 11x11 Gaussian local SSIM), optionally ``dumenet_local7`` (7x7 window).
 Random weights (speed does not depend on them).
 
-Timing: variants interleaved round by round (a shared machine's load hits all of them alike),
+Timing: variants interleaved round by round, the order rotating each round (a shared machine's
+load and any first-in-round effect hit all of them alike),
 median images/s (wall) and median process CPU seconds per image over the rounds; ratios are
 variant / UniAD (throughput: < 1 is slower; CPU time and memory: > 1 is costlier). Train
 step = forward + MSE loss + backward + AdamW step; eval = forward under
-``torch.inference_mode``. Peak memory: each variant in a fresh subprocess; CPU:
-peak RSS (ru_maxrss) above the RSS after building model and batch; CUDA: max allocated.
+``torch.inference_mode``. Peak memory of one step after a warm-up step, each variant in a fresh
+subprocess; CPU: peak RSS (VmHWM, reset before the step) and its growth over the RSS before the
+step; CUDA: max allocated and its growth over the allocated memory before the step.
 
     python tools/benchmark_dumenet.py [--device cpu] [--batch 8] [--size 224] [--rounds 3]
         [--steps 2] [--variants uniad,dumenet_global,dumenet_local] [--out benchmark_dumenet.json]
@@ -20,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -93,9 +94,19 @@ def timed(fn, steps, device):
     return time.perf_counter() - t, time.process_time() - c
 
 
-def current_rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+def _status_mb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss():
+    """Linux: restart VmHWM from the current RSS (ru_maxrss cannot be reset, and it even keeps
+    the parent's peak across fork + exec)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def memory_child(args):
@@ -115,10 +126,11 @@ def memory_child(args):
         sync(device)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
     else:
-        base = current_rss_mb()
+        step()  # first-step allocations (optimizer state, allocator pools) count as setup
+        base = _status_mb("VmRSS")
+        reset_peak_rss()
         step()
-        step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = _status_mb("VmHWM")
     print(json.dumps({"peak_mb": peak, "base_mb": base, "extra_mb": peak - base}))
 
 
@@ -139,6 +151,7 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     p.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed train+eval steps per variant")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default="uniad,dumenet_global,dumenet_local")
     p.add_argument("--no-memory", action="store_true", help="skip the subprocess memory runs")
@@ -160,12 +173,15 @@ def main(argv=None):
     for v in variants:
         torch.manual_seed(0)
         built[v] = build(v, args.size, args.hidden, device)
-        train_step(*built[v], image)  # warm-up: allocator, kernels, optimizer state
-        eval_step(built[v][0], image)
+    for _ in range(args.warmup):  # allocator, kernels, optimizer state; interleaved as well
+        for v in variants:
+            train_step(*built[v], image)
+            eval_step(built[v][0], image)
     rates = {v: {m: [] for m in ("train", "eval", "train_cpu", "eval_cpu")} for v in variants}
     n_img = args.batch * args.steps
     for r in range(args.rounds):
-        for v in variants:
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
             model, opt = built[v]
             for mode, fn in (("train", lambda: train_step(model, opt, image)),
                              ("eval", lambda: eval_step(model, image))):
@@ -208,8 +224,9 @@ def main(argv=None):
     report = {
         "settings": {"device": str(device), "batch": args.batch, "size": args.size,
                      "hidden_dim": args.hidden, "backbone": "efficientnet_lite0 (stages 1-4)",
-                     "rounds": args.rounds, "steps": args.steps, "threads": args.threads,
-                     "memory": "peak RSS (ru_maxrss) / RSS growth over the step, fresh process"
+                     "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
+                     "threads": args.threads,
+                     "memory": "peak RSS (VmHWM) of one step / its growth over the RSS before"
                      if device.type == "cpu" else "torch.cuda.max_memory_allocated"},
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "machine": platform.machine(), "cpu_count": os.cpu_count(),

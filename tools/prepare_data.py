@@ -96,7 +96,7 @@ def main(argv=None):
         except OSError as exc:
             raise PrepareError(f"cannot write manifests to {out} ({exc.strerror}); pass "
                                f"--out DIR") from None
-    except PrepareError as exc:
+    except (PrepareError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{prepared.source}\n")

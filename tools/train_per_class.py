@@ -58,6 +58,7 @@ def run(args):
 
     cfg = load_cfg(args, classes=args.classes)
     classes = dataset_classes(cfg)
+    cfg.dataset["classes"] = classes  # one prepared manifest for the whole sweep
     work_dir = resolve_work_dir(args, pick_latest=args.evaluate or args.resume)
     work_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)

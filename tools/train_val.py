@@ -8,13 +8,12 @@
         --data_root DATA/mvtec --class_name bottle
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools._common import add_data_args, add_run_args, load_cfg  # noqa: E402
+from tools._common import add_data_args, add_run_args, load_cfg, run_main  # noqa: E402
 from tools._common import default_work_dir  # noqa: E402,F401  (kept importable from here)
 
 
@@ -36,22 +35,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """Exit status: 0 done, 2 a problem with the config/data/checkpoint (one clear line, no
-    traceback; DUALMEM_DEBUG=1 shows it), 128+N interrupted by signal N (resumable)."""
-    args = parse_args(argv)
-    from utils.errors import USER_ERRORS
-    from utils.trainer import TrainingInterrupted
-
-    try:
-        return run(args)
-    except TrainingInterrupted as exc:
-        print(f"interrupted: {exc}", file=sys.stderr)
-        return 128 + exc.signum
-    except USER_ERRORS as exc:
-        if os.environ.get("DUALMEM_DEBUG") == "1":
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Exit status: 0 done, 2 a problem with the config/data/checkpoint (one clear line),
+    128+N interrupted by signal N (resumable)."""
+    return run_main(run, parse_args(argv))
 
 
 def run(args):

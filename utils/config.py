@@ -49,15 +49,17 @@ def _read_yaml(path):
 def merge_dicts(base, override):
     """Deep merge: dicts merge key by key, everything else (lists included) is replaced.
 
-    A dict whose ``type`` changes (another optimizer, scheduler, ...) replaces the base dict
-    whole, since the old ``kwargs`` belong to the old type; ``_delete_: true`` forces that.
+    A ``{type, kwargs}`` block whose ``type`` changes (another optimizer, scheduler, ...)
+    replaces the base block whole, since the old ``kwargs`` belong to the old type;
+    ``_delete_: true`` forces a replacement anywhere.
     """
     out = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             value = dict(value)
             replace = value.pop("_delete_", False) or (
-                "type" in value and "type" in out[key] and value["type"] != out[key]["type"])
+                "type" in value and "type" in out[key] and value["type"] != out[key]["type"]
+                and ("kwargs" in value or "kwargs" in out[key]))
             out[key] = copy.deepcopy(value) if replace else merge_dicts(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -95,6 +97,10 @@ def _schema_at(keys):
     for key in keys:
         if isinstance(node, OptionalT):
             node = node.inner
+        if isinstance(node, tuple):  # alternatives: follow the one that can hold this key
+            want = ListOf if isinstance(key, int) else dict
+            node = next((n for n in (m.inner if isinstance(m, OptionalT) else m for m in node)
+                         if isinstance(n, want)), None)
         if isinstance(node, dict):
             node = node.get(key, node.get("*"))
         elif isinstance(node, ListOf):
@@ -110,6 +116,10 @@ def _is_path_key(keys):
     node = _schema_at(keys)
     if isinstance(node, OptionalT):
         node = node.inner
+    if isinstance(node, tuple):
+        node = next((n for n in node if isinstance(n, PathT) or
+                     (isinstance(n, OptionalT) and isinstance(n.inner, PathT))), None)
+        node = node.inner if isinstance(node, OptionalT) else node
     if isinstance(node, PathT):
         return True
     # net kwargs are free-form; by convention any key ending in _path/_dir/_file is a path

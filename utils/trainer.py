@@ -295,8 +295,7 @@ class Trainer:
         protocol = {
             "dataset": self.cfg.dataset.get("type", "explicit"),
             "classes": list(self.classes),
-            "setting": "single-class" if self.class_name or len(self.classes) == 1
-            else "unified",
+            "setting": "single-class" if self.class_name else "unified",
             "input_size": list(self.cfg.dataset.input_size),
             "epochs": self.max_epoch,
             "seed": self.seed,

@@ -7,10 +7,12 @@ fly for ``dataset.data_root`` and reuses the result while the source is unchange
 """
 from pathlib import Path
 
-from datasets.prepare.common import (Prepared, PrepareError, check_records, summary,  # noqa
+from datasets.prepare.common import (Prepared, PrepareError, check_records, summary,
                                      summary_table, write_prepared)
 
 SOURCES = ("mvtec", "visa", "cifar10", "ader", "folder")
+__all__ = ["Prepared", "PrepareError", "check_records", "summary", "summary_table",
+           "write_prepared", "SOURCES", "build_source", "source_fingerprint"]
 
 
 def _module(source):

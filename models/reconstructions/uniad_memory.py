@@ -61,6 +61,12 @@ class UniADMemory(FeatureReconstruction):
             if memory_mode in ("spatial", "both") else None
         self.fusion = build_fusion(fusion_mode, hidden_dim) if memory_mode == "both" else None
         initialize_from_cfg(self, initializer)
+        if memory_mode != "none":
+            # learned queries the read-out replaces stay (UniAD checkpoints still load) but are
+            # frozen: nothing dead in the optimizer, and DDP needs no find_unused_parameters
+            layers = self.transformer.decoder_layers
+            for layer in (layers if self.continuous_query else layers[:1]):
+                layer.learned_embed.weight.requires_grad_(False)
 
     def read_memories(self, encoded):
         """Encoder tokens (B, L, d) -> (decoder query (B, L, d) or None, attention weights)."""

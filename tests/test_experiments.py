@@ -1,0 +1,91 @@
+"""The shipped experiment configs load and hold the settings their READMEs state; the shared
+CLI helper points a config at --data_root."""
+import argparse
+
+import pytest
+from easydict import EasyDict
+
+from conftest import ROOT
+from tools._common import add_data_args, add_run_args, apply_data_args
+from utils.config import load_config
+
+EXP = ROOT / "experiments"
+SPLITS = {"01234": [0, 1, 2, 3, 4], "56789": [5, 6, 7, 8, 9], "02468": [0, 2, 4, 6, 8],
+          "13579": [1, 3, 5, 7, 9]}
+
+
+def rec(cfg):
+    return cfg.net[2].kwargs
+
+
+@pytest.mark.parametrize("path, dtype", [("MVTec-AD/uniad/config.yaml", "mvtec"),
+                                         ("VisA/uniad/config.yaml", "visa")])
+def test_paper_configs(path, dtype):
+    cfg = load_config(EXP / path)
+    assert cfg.dataset.type == dtype and cfg.dataset.input_size == [224, 224]
+    assert cfg.dataset.image_reader.kwargs.color_mode == "RGB"  # not lost to the type change
+    assert cfg.net[0].type == "models.backbones.efficientnet_b4"
+    assert cfg.net[0].kwargs.outlayers == [1, 2, 3, 4] and cfg.net[1].kwargs.outstrides == [16]
+    r = rec(cfg)
+    assert (r.hidden_dim, r.num_encoder_layers, r.num_decoder_layers, r.nhead,
+            r.dim_feedforward) == (256, 4, 4, 8, 1024)
+    assert r.neighbor_mask.neighbor_size == [7, 7] and r.feature_jitter.scale == 20.0
+    assert cfg.trainer.max_epoch == 1000 and cfg.trainer.lr_scheduler.type == "StepLR"
+    assert cfg.trainer.lr_scheduler.kwargs.step_size == 800
+    assert cfg.trainer.optimizer.kwargs.lr == 1e-4
+    assert cfg.evaluator.image_score.reduction == "max"
+
+
+@pytest.mark.parametrize("path", ["MVTec-AD/uniad/lite.yaml", "VisA/uniad/lite.yaml"])
+def test_lite_configs(path):
+    cfg = load_config(EXP / path)
+    assert cfg.net[0].type == "models.backbones.efficientnet_lite0"
+    assert cfg.net[0].kwargs.pretrained is True
+    assert rec(cfg).neighbor_mask.neighbor_size == [7, 7] and rec(cfg).hidden_dim == 128
+    assert cfg.trainer.lr_scheduler == {"type": "CosineAnnealingLR", "kwargs": {}}
+    assert cfg.dataset.type == ("visa" if "VisA" in path else "mvtec")
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_cifar_configs(split):
+    cfg = load_config(EXP / "CIFAR-10" / split / "config.yaml")
+    assert cfg.dataset.type == "cifar10"
+    assert cfg.dataset.cifar10.normal_classes == SPLITS[split]
+    assert cfg.net[0].kwargs.outlayers == [1, 2, 3, 4, 5]
+    assert cfg.evaluator.image_score.reduction == "mean"
+    assert cfg.evaluator.key_metric == "image_auroc"
+    assert not any(m.startswith("pixel") for m in cfg.evaluator.metrics)
+    lite = load_config(EXP / "CIFAR-10" / split / "lite.yaml")
+    assert lite.dataset.cifar10.normal_classes == SPLITS[split]
+    assert lite.net[0].type == "models.backbones.efficientnet_lite0"
+    assert lite.net[0].kwargs.outlayers == [1, 2, 3, 4, 5]
+
+
+def test_experiment_readmes_state_published_numbers():
+    assert "96.5" in (EXP / "MVTec-AD/uniad/README.md").read_text()
+    assert "88.8" in (EXP / "VisA/uniad/README.md").read_text()
+    cifar = (EXP / "CIFAR-10/README.md").read_text()
+    assert all(x in cifar for x in ("84.4", "79.6", "93.0", "89.1", "86.5"))
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    add_data_args(p)
+    add_run_args(p)
+    return p.parse_args(argv)
+
+
+def test_apply_data_args(tmp_path):
+    cfg = EasyDict({"dataset": {"type": "synthetic"}})
+    a = parse(["--data_root", str(tmp_path / "x")])
+    apply_data_args(cfg, a.data_root, a.data_type)
+    assert cfg.dataset.type == "mvtec" and cfg.dataset.data_root == str(tmp_path / "x")
+    cfg = EasyDict({"dataset": {"type": "visa"}})
+    a = parse(["--data_root", "a", "--data_root", "b", "--threads", "1"])
+    apply_data_args(cfg, a.data_root, a.data_type, classes=["candle"])
+    assert cfg.dataset.type == "visa" and len(cfg.dataset.data_root) == 2
+    assert cfg.dataset.classes == ["candle"] and a.threads == 1
+    cfg = EasyDict({"dataset": {"type": "explicit"}})
+    a = parse(["--data_root", "m.json", "--data_type", "ader"])
+    apply_data_args(cfg, a.data_root, a.data_type)
+    assert cfg.dataset.type == "ader"
