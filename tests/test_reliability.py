@@ -108,3 +108,13 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "none.pth")
+
+
+def test_a_failed_build_releases_the_work_dir(tmp_path):
+    from test_engine import make_config
+    from utils.config import load_config
+
+    cfg = load_config(make_config(tmp_path), ["net.1.type=models.necks.Nope"])
+    with pytest.raises(ValueError, match="Nope"):
+        Trainer(cfg, tmp_path / "w", torch.device("cpu"), progress=False)
+    WorkDirLock(tmp_path / "w").acquire().release()  # not left locked

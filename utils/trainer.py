@@ -113,6 +113,14 @@ class Trainer:
         self.progress = progress and self.is_main
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.lock = WorkDirLock(self.work_dir).acquire() if self.is_main else None
+        try:
+            self._build(cfg, device, class_name, logger)
+        except BaseException:
+            if self.lock is not None:  # a failed build must not keep the folder locked
+                self.lock.release()
+            raise
+
+    def _build(self, cfg, device, class_name, logger):
         self.ckpt_dir = self.work_dir / "checkpoints"
         self.logger = logger or setup_logger(self.work_dir / "log.txt", rank=self.rank)
         self.seed = int(cfg.get("random_seed", 0))
