@@ -134,8 +134,8 @@ def main(argv=None):
         result["inference_images"] = n
         result["inference_img_per_s"] = n / t_infer if t_infer else None
     print(f"DMAD banks from {len(records)} images ({', '.join(classes)}) on {device}: "
-          f"{build_s:.1f} s; normal bank {result['normal_bank']}, abnormal bank "
-          f"{result['abnormal_bank']} x {head.dim} = {result['bank_mb']:.2f} MB "
+          f"{build_s:.1f} s; normal bank {result['normal_bank']} + abnormal bank "
+          f"{result['abnormal_bank']} memories x {head.dim} dims = {result['bank_mb']:.2f} MB "
           f"(cap {head.bank_memory_mb:g} MB); RSS peak {mem.peak:.0f} MB "
           f"(+{mem.peak - mem.start:.0f} MB during the build)"
           + (f"; CUDA peak {result['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in result else "")

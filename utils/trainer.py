@@ -143,6 +143,12 @@ class Trainer:
             self.train_set, self.test_set, self.classes = build_datasets(
                 cfg, self.pixel_mean, self.pixel_std, class_name)
         self._validate_data()
+        if any(int(r["label"]) == 1 for r in self.train_set.records) and not any(
+                getattr(m, "learns_from_anomalies", False) for m in self.model.modules()):
+            raise ValueError("the training set holds labelled anomalies (dataset."
+                             "seen_anomalies or label 1 in the train manifest) but no module "
+                             "of this net learns from them; a reconstruction model would "
+                             "learn them as normal")
         if self.world > 1:  # each rank its own noise (jitter, dropout) from here on
             set_seed(self.seed + 7919 * self.rank)
         self.criterion = Criterion(cfg.get("criterion") or
@@ -392,6 +398,8 @@ class Trainer:
 
     def train_one_epoch(self, epoch, start_step=0):
         self._ensure_cache(train=True)
+        if hasattr(self.train_set, "set_epoch"):  # data made on the fly follows the epoch
+            self.train_set.set_epoch(epoch)
         self.model.train()
         self.loader_gen.manual_seed(self.seed * 1000003 + epoch)
         self.sampler.set_epoch(epoch, start_step * self.batch_size)

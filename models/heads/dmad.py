@@ -102,6 +102,8 @@ class _BankImages(Dataset):
 
 @MODELS.register(name="DMAD", path="models.heads")
 class DMAD(nn.Module):
+    learns_from_anomalies = True  # labelled anomalies in the training set are meant for it
+
     def __init__(self, inplanes, instrides=None, input_size=None, feature_size=None,
                  coreset_ratio=0.02, max_normal_bank=20000, coreset_proj_dim=128,
                  coreset_buffer_mb=512, bank_per_class=False,
