@@ -147,3 +147,13 @@ def test_feature_cache_true_with_augmentation_is_refused(tmp_path):
                                               "dataset.train.hflip=true"])
     with pytest.raises(ValueError, match="augmentations are on"):
         Trainer(cfg, tmp_path / "w", torch.device("cpu"), progress=False)
+
+
+def test_labelled_anomalies_need_a_net_that_learns_from_them(tmp_path):
+    from utils.config import load_config
+    from utils.trainer import Trainer
+
+    cfg = load_config(make_config(tmp_path), ["dataset.seen_anomalies.num_per_class=1",
+                                              "dataset.seen_anomalies.seed=0"])
+    with pytest.raises(ValueError, match="no module of this net learns from them"):
+        Trainer(cfg, tmp_path / "w", torch.device("cpu"), progress=False)
