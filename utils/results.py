@@ -6,7 +6,6 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-PERCENT_KEYS = None  # every metric is in [0, 1]; tables show percentages
 
 
 def _fmt(v):
