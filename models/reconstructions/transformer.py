@@ -4,9 +4,15 @@ Tokens are batch-first (B, L, C) and attention runs through ``F.scaled_dot_produ
 with the neighbour mask built once as a buffer. Parameter names match ``nn.MultiheadAttention``
 (``in_proj_weight``, ``in_proj_bias``, ``out_proj``) so UniAD checkpoints load unchanged.
 
+In training on CPU, dropout (of activations and of attention weights) draws its masks with
+:mod:`models.fast_dropout`, so the attention then runs as two batched matmuls around a softmax
+and that dropout instead of SDPA's math path (which draws with ``bernoulli_`` and re-checks the
+mask every call); evaluation and dropout-free training use SDPA.
+
 ``attn_impl: reference`` runs the same weights the way the UniAD code does (sequence-first
-``F.multi_head_attention_forward`` with a float -inf mask rebuilt by loops every forward); it
-exists so ``tools/benchmark.py --compare`` can measure the fast path against it.
+``F.multi_head_attention_forward`` with a float -inf mask rebuilt by loops every forward, and
+the standard dropout); it exists so ``tools/benchmark.py --compare`` can measure the fast path
+against it.
 """
 import copy
 import math
@@ -14,6 +20,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models.fast_dropout import FastDropout, softmax_dropout
 
 
 def neighbor_mask_loops(feature_size, neighbor_size):
@@ -66,12 +74,32 @@ class MultiheadAttention(nn.Module):
         wq, wk, wv = self.in_proj_weight.chunk(3)
         bq, bk, bv = self.in_proj_bias.chunk(3)
         h = self.num_heads
-        q = F.linear(query, wq, bq).view(b, lq, h, c // h).transpose(1, 2)
+        if b > 1 and query.stride(0) == 0:  # one query for the whole batch: project it once
+            q = F.linear(query[0], wq, bq).expand(b, -1, -1)
+        else:
+            q = F.linear(query, wq, bq)
+        q = q.view(b, lq, h, c // h).transpose(1, 2)
         k = F.linear(key, wk, bk).view(b, key.shape[1], h, c // h).transpose(1, 2)
         v = F.linear(value, wv, bv).view(b, value.shape[1], h, c // h).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
+        if self.training and self.dropout > 0 and q.device.type == "cpu":
+            out = self._attend_fast_dropout(q, k, v, attn_mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(b, lq, c))
+
+    def _attend_fast_dropout(self, q, k, v, attn_mask):
+        """SDPA's math with :func:`fast_dropout` on the weights; (B, H, L, D) in and out."""
+        b, h, lq, d = q.shape
+        q, k, v = q.reshape(b * h, lq, d), k.reshape(b * h, -1, d), v.reshape(b * h, -1, d)
+        if attn_mask is None:
+            scores = torch.bmm(q, k.transpose(1, 2)).mul_(d ** -0.5)
+        else:  # bool "allowed" -> additive 0 / -inf, fused into the score matmul
+            additive = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device)
+            additive.masked_fill_(~attn_mask, float("-inf"))
+            scores = torch.baddbmm(additive, q, k.transpose(1, 2), alpha=d ** -0.5)
+        weights, scale = softmax_dropout(scores, self.dropout)
+        return torch.bmm(weights.to(v.dtype), v * scale).view(b, h, lq, d)
 
     def _reference(self, query, key, value, attn_mask):
         float_mask = None
@@ -97,7 +125,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim, hidden, dropout, activation):
         super().__init__()
         self.linear1 = nn.Linear(dim, hidden)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = FastDropout(dropout)
         self.linear2 = nn.Linear(hidden, dim)
         self.activation = _activation(activation)
 
@@ -111,7 +139,7 @@ class TransformerEncoderLayer(nn.Module):
         self.self_attn = MultiheadAttention(dim, nhead, dropout)
         self.ffn = FeedForward(dim, dim_feedforward, dropout, activation)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.dropout1, self.dropout2 = FastDropout(dropout), FastDropout(dropout)
         self.normalize_before = normalize_before
 
     def forward(self, src, pos, mask=None):
@@ -135,19 +163,25 @@ class TransformerDecoderLayer(nn.Module):
         self.multihead_attn = MultiheadAttention(dim, nhead, dropout)
         self.ffn = FeedForward(dim, dim_feedforward, dropout, activation)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.dropout1, self.dropout2, self.dropout3 = (nn.Dropout(dropout) for _ in range(3))
+        self.dropout1, self.dropout2, self.dropout3 = (FastDropout(dropout) for _ in range(3))
         self.normalize_before = normalize_before
 
     def forward(self, out, memory, pos, tgt_mask=None, memory_mask=None, query=None):
-        tgt = self.learned_embed.weight.unsqueeze(0).expand(memory.shape[0], -1, -1) \
-            if query is None else query
+        # the learned query is the same for every image: kept (L, d) and expanded, so its
+        # projection in the first attention is computed once, not once per image
+        tgt = self.learned_embed.weight if query is None else query
+        batch = memory.shape[0]
+
+        def with_pos(t):
+            return (t + pos).expand(batch, -1, -1) if t.dim() == 2 else t + pos
+
         if self.normalize_before:
             t = self.norm1(tgt)
-            tgt = tgt + self.dropout1(self.self_attn(t + pos, memory + pos, memory, tgt_mask))
+            tgt = tgt + self.dropout1(self.self_attn(with_pos(t), memory + pos, memory, tgt_mask))
             t = self.norm2(tgt)
             tgt = tgt + self.dropout2(self.multihead_attn(t + pos, out + pos, out, memory_mask))
             return tgt + self.dropout3(self.ffn(self.norm3(tgt)))
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(tgt + pos, memory + pos, memory,
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(with_pos(tgt), memory + pos, memory,
                                                             tgt_mask)))
         tgt = self.norm2(tgt + self.dropout2(self.multihead_attn(tgt + pos, out + pos, out,
                                                                  memory_mask)))
@@ -180,13 +214,16 @@ class Transformer(nn.Module):
             self.mask = None
 
     def set_attn_impl(self, impl):
-        """'sdpa' (default, mask built once) or 'reference' (UniAD-style, see module doc)."""
+        """'sdpa' (default: mask built once, fast dropout) or 'reference' (UniAD-style, see
+        module doc)."""
         if impl not in ("sdpa", "reference"):
             raise ValueError(f"attn_impl must be 'sdpa' or 'reference', got '{impl}'")
         self.attn_impl = impl
         for module in self.modules():
             if isinstance(module, MultiheadAttention):
                 module.impl = impl
+            elif isinstance(module, FastDropout):
+                module.fast = impl == "sdpa"
 
     def _mask(self, i):
         if not self.use_mask[i]:

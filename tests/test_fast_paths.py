@@ -1,0 +1,105 @@
+"""The CPU fast paths compute what the plain formulas compute: cheap dropout masks, the
+fast-dropout attention, and the learned query projected once per batch."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.fast_dropout import FastDropout, fast_dropout, keep_mask
+from models.reconstructions.transformer import MultiheadAttention, TransformerDecoderLayer
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_mask_drop_rate_and_unbiased_scale(p):
+    torch.manual_seed(0)
+    n = 1_000_003  # not a multiple of 4: the last word is only partly used
+    keep, scale = keep_mask((n,), p, torch.device("cpu"))
+    assert keep.dtype == torch.bool and keep.shape == (n,)
+    drop = round(p * 65536) / 65536
+    assert abs(drop - p) <= 1 / 65536
+    assert scale == pytest.approx(1 / (1 - drop), rel=1e-12)
+    # binomial: 6 standard deviations
+    assert abs((~keep).float().mean().item() - drop) < 6 * math.sqrt(p * (1 - p) / n)
+    # neighbouring elements come from slices of one word: they must be independent
+    a, b = keep[:-1].float(), keep[1:].float()
+    assert abs(((a * b).mean() - a.mean() * b.mean()).item()) < 6 * (1 - p) / math.sqrt(n)
+
+
+def test_fast_dropout_forward_backward_and_seed():
+    x = torch.randn(64, 50, 50, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(3)
+    out = fast_dropout(x, 0.2)
+    torch.manual_seed(3)
+    again = fast_dropout(x, 0.2)
+    assert torch.equal(out, again)  # follows torch.manual_seed
+    kept = out != 0
+    scale = 65536 / (65536 - round(0.2 * 65536))
+    assert torch.allclose(out[kept], x[kept] * scale)
+    out.backward(torch.ones_like(out))
+    assert torch.allclose(x.grad, kept.double() * scale)
+    # mean preserved: E[out] = x
+    ones = torch.ones(2_000_000)
+    assert fast_dropout(ones, 0.3).mean().item() == pytest.approx(1.0, abs=4e-3)
+
+
+def test_fast_dropout_module_eval_edges_and_dtypes():
+    x = torch.randn(8, 16)
+    layer = FastDropout(0.5).eval()
+    assert torch.equal(layer(x), x)
+    layer.train()
+    assert torch.equal(fast_dropout(x, 0.0), x)
+    assert torch.equal(fast_dropout(x, 1.0), torch.zeros_like(x))  # F.dropout's p = 1
+    y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    layer.fast = False  # the standard nn.Dropout
+    torch.manual_seed(1)
+    ref = layer(x)
+    torch.manual_seed(1)
+    assert torch.equal(ref, F.dropout(x, 0.5, True))
+
+
+def test_fast_dropout_attention_matches_float64_formula():
+    """Train-mode attention (fast dropout path) = softmax(qk^T/sqrt(d) + mask) * keep @ v."""
+    torch.manual_seed(0)
+    dim, heads, b, length = 32, 4, 3, 12
+    attn = MultiheadAttention(dim, heads, dropout=0.25).double().train()
+    q, k, v = torch.randn(3, b, length, dim, dtype=torch.float64).unbind(0)
+    allowed = torch.rand(length, length) > 0.4
+    allowed[:, 0] = True
+    torch.manual_seed(7)
+    out = attn(q, k, v, allowed)
+    torch.manual_seed(7)  # the forward's only draw: the attention-weight mask
+    keep, scale = keep_mask((b * heads, length, length), 0.25, torch.device("cpu"))
+    wq, wk, wv = attn.in_proj_weight.chunk(3)
+    bq, bk, bv = attn.in_proj_bias.chunk(3)
+
+    def split(x):
+        return x.view(b, length, heads, dim // heads).transpose(1, 2).reshape(b * heads, length, -1)
+
+    qh, kh, vh = split(q @ wq.t() + bq), split(k @ wk.t() + bk), split(v @ wv.t() + bv)
+    scores = qh @ kh.transpose(1, 2) / math.sqrt(dim // heads)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(scores, -1) * keep * scale
+    heads_out = (weights @ vh).view(b, heads, length, -1).transpose(1, 2).reshape(b, length, dim)
+    expected = attn.out_proj(heads_out)
+    assert torch.allclose(out, expected, atol=1e-10)
+
+
+def test_learned_query_projected_once_equals_per_image():
+    """The decoder keeps its learned query (L, d) unexpanded; the result and every gradient
+    equal those of the query materialised per image."""
+    torch.manual_seed(0)
+    layer = TransformerDecoderLayer(16, 9, 4, 32, 0.0, "relu", False).double()
+    memory, out = torch.randn(2, 3, 9, 16, dtype=torch.float64).unbind(0)
+    pos = torch.randn(9, 16, dtype=torch.float64)
+    y_once = layer(out, memory, pos)
+    grads_once = torch.autograd.grad(y_once.square().sum(), list(layer.parameters()))
+    per_image = layer.learned_embed.weight.unsqueeze(0).repeat(3, 1, 1)  # a real (B, L, d) copy
+    y_each = layer(out, memory, pos, query=per_image)
+    grads_each = torch.autograd.grad(y_each.square().sum(), list(layer.parameters()))
+    assert torch.allclose(y_once, y_each, atol=1e-12)
+    names = [n for n, _ in layer.named_parameters()]
+    assert "learned_embed.weight" in names  # reached through expand in one, repeat in the other
+    for name, g1, g2 in zip(names, grads_once, grads_each):
+        assert torch.allclose(g1, g2, atol=1e-10), name
