@@ -139,6 +139,74 @@ def test_feature_cache_gives_the_same_loss_trajectory(tmp_path):
             assert finals[True][key] == pytest.approx(value, abs=1e-4), key
 
 
+def test_disk_feature_cache_is_reused_and_keyed_by_the_data(tmp_path):
+    """A second run reads the cache written by the first and trains identically; changing an
+    image file or the cache dtype gives a new key (a rebuild, never a stale hit)."""
+    import os
+
+    from utils.config import load_config
+    from utils.trainer import Trainer
+
+    cfg_path = make_config(tmp_path, epochs=2)
+    cache_dir = tmp_path / "cache"
+
+    def train(tag, *opts):
+        cfg = load_config(cfg_path, [f"trainer.feature_cache_dir={cache_dir}", *opts])
+        trainer = Trainer(cfg, tmp_path / tag, torch.device("cpu"), progress=False)
+        losses = [trainer.train_one_epoch(e) for e in range(2)]
+        score = trainer.evaluate_now()["mean"]["pixel_auroc"]
+        trainer.close()
+        return losses, score, (tmp_path / tag / "log.txt").read_text()
+
+    first, score1, log1 = train("a")
+    files = sorted(p.name for p in cache_dir.iterdir())
+    assert len(files) == 2 and files[0].startswith("test-") and files[1].startswith("train-")
+    assert log1.count("computed and written to") == 2
+    second, score2, log2 = train("b")
+    assert log2.count("read from") == 2 and "computed" not in log2
+    assert second == pytest.approx(first, rel=1e-6)
+    assert score2 == pytest.approx(score1, abs=1e-9)
+    # a touched training image (new mtime) changes the train key only
+    image = next((tmp_path / "data").rglob("train/good/*.png"))
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    _, _, log3 = train("c")
+    assert log3.count("computed and written to") == 1 and log3.count("read from") == 1
+    _, _, log4 = train("d", "trainer.feature_cache_dtype=float16")
+    assert log4.count("computed and written to") == 2
+    assert len(list(cache_dir.iterdir())) == 5
+    # a damaged cache file is an error naming it, not a silent rebuild or a crash later
+    for victim in cache_dir.glob("test-*"):
+        victim.write_bytes(b"not a cache")
+    cfg = load_config(cfg_path, [f"trainer.feature_cache_dir={cache_dir}"])
+    trainer = Trainer(cfg, tmp_path / "e", torch.device("cpu"), progress=False)
+    with pytest.raises(RuntimeError, match=r"feature cache .*test-.* is unreadable"):
+        trainer.evaluate_now()
+    trainer.close()
+
+
+def test_channels_last_and_compile_train_like_the_default(tmp_path):
+    """``trainer.channels_last`` and ``trainer.compile`` change speed, not results."""
+    from utils.config import load_config
+    from utils.trainer import Trainer
+
+    cfg_path = make_config(tmp_path, epochs=1)
+    losses = {}
+    for tag, opts in (("plain", []), ("nhwc", ["trainer.channels_last=true"]),
+                      ("compiled", ["trainer.compile=true"])):
+        cfg = load_config(cfg_path, ["trainer.feature_cache=false", *opts])
+        trainer = Trainer(cfg, tmp_path / tag, torch.device("cpu"), progress=False)
+        losses[tag] = trainer.train_one_epoch(0)
+        if tag == "nhwc":
+            weight = next(p for p in trainer.model.backbone.parameters() if p.dim() == 4)
+            assert weight.is_contiguous(memory_format=torch.channels_last)
+        if tag == "compiled":
+            assert hasattr(trainer.train_net, "_orig_mod")  # an OptimizedModule
+        trainer.close()
+    assert losses["nhwc"] == pytest.approx(losses["plain"], rel=1e-4)
+    assert losses["compiled"] == pytest.approx(losses["plain"], rel=1e-4)
+
+
 def test_feature_cache_true_with_augmentation_is_refused(tmp_path):
     from utils.config import load_config
     from utils.trainer import Trainer

@@ -2,11 +2,16 @@
 
     python tools/benchmark.py --config experiments/MVTec-AD/uniad/config.yaml --compare
 
-Random weights and random images (nothing to download); batch and size from the config.
-``--compare`` measures, in one process and on the same weights, the reference-style path
-(backbone recomputed every step, UniAD's sequence-first attention with its mask rebuilt every
-forward) against the fast path (frozen-prefix features cached, batch-first SDPA with the mask
-built once), and a bf16 autocast variant of the fast path; it checks the anomaly maps agree.
+Random weights and random images (nothing to download); batch and size from the config; the
+loss is the config's ``criterion``. ``--compare`` measures, in one process and on the same
+weights, the reference-style path (backbone recomputed every step, UniAD's sequence-first
+attention with its mask rebuilt every forward, standard dropout) against the fast path (frozen
+prefix cached, batch-first attention with the mask built once and cheap CPU dropout masks) and
+a bf16 autocast variant of the fast path; it checks the anomaly maps agree. ``--channels_last``
+and ``--compile`` add those variants of the fast path. Variants are timed in interleaved rounds
+(each round runs every variant in turn) and the median is reported, so a load change on a
+shared machine does not favour one of them. Heads with a stage one (DMAD's memory banks) are
+filled from random images first.
 """
 import argparse
 import json
@@ -76,7 +81,7 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def build(cfg, device, attn_impl):
+def build(cfg, device, attn_impl, channels_last=False):
     from models import ModelHelper
 
     model = ModelHelper(cfg.net, input_size=cfg.dataset.input_size,
@@ -84,62 +89,141 @@ def build(cfg, device, attn_impl):
     for module in model.modules():
         if hasattr(module, "set_attn_impl"):
             module.set_attn_impl(attn_impl)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     return model
 
 
-def measure(model, images, device, steps, cached, amp_dtype, lr=1e-4):
-    """Train steps/s and eval images/s for one path; returns figures and eval maps."""
-    from models.losses import Criterion
+class RandomImages(torch.utils.data.Dataset):
+    """Normal-looking stand-ins for a training set (what bank-building heads read): fixed
+    random images, one class, ManifestDataset's item layout."""
 
-    criterion = Criterion([{"name": "mse", "type": "FeatureMSELoss"}])
-    params = model.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=lr)
-    start = len(model.frozen_prefix) if cached else 0
-    if cached:  # what the feature cache hands the head
-        with torch.no_grad():
-            data = {"image": images}
-            for name in model.frozen_prefix:
-                data.update(getattr(model, name)(data))
-        inputs = {k: v for k, v in data.items() if k != "image"}
-    else:
-        inputs = {"image": images}
+    def __init__(self, n, input_size, pixel_mean, pixel_std, seed=0):
+        self.n, self.input_size = n, tuple(input_size)
+        self.pixel_mean, self.pixel_std = pixel_mean or [0.5] * 3, pixel_std or [0.5] * 3
+        self.records = [{"filename": f"random/{i}.png", "label": 0, "clsname": "random"}
+                        for i in range(n)]
+        self.seed = seed
 
-    def step():
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss, _ = criterion(model(inputs, start=start))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def __len__(self):
+        return self.n
 
-    model.train()
-    step()  # warm-up
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as mem:
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync(device)
-        train_s = (time.perf_counter() - t) / steps
-    flops = count_flops(step)
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.seed + i)
+        image01 = torch.rand(3, *self.input_size, generator=g)
+        mean = torch.tensor(self.pixel_mean).view(3, 1, 1)
+        std = torch.tensor(self.pixel_std).view(3, 1, 1)
+        return {"image": (image01 - mean) / std, "mask": torch.zeros(1, *self.input_size),
+                "label": 0, "clsname": "random", "filename": self.records[i]["filename"],
+                "index": i}
+
+
+def prepare_banks(model, cfg, device, n_images):
+    """Heads with a stage one (DMAD's memory banks) are filled from random images first, so
+    their training step and retrieval cost are realistic; returns the build seconds."""
+    from models.heads.dmad import feature_extractor
+
+    heads = [getattr(model, n) for n in model.module_names
+             if hasattr(getattr(model, n), "build_banks")]
+    if not heads:
+        return None
+    data = RandomImages(n_images, cfg.dataset.input_size, model.pixel_mean, model.pixel_std)
     model.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype,
-                                         enabled=amp_dtype is not None):
-        model({"image": images})
-        sync(device)
+    t = time.perf_counter()
+    for head in heads:
+        head.build_banks(feature_extractor(model, head), data, device,
+                         batch_size=cfg.dataset.get("batch_size", 8),
+                         recipe=head.pseudo_recipe(), progress=False)
+    return time.perf_counter() - t
+
+
+def batch_fields(b, size, device, seed=0):
+    """What a training batch carries besides the image: half the images with a rectangular
+    anomaly mask (heads trained on masks need both kinds), labels, class names, indices."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    mask = torch.zeros(b, 1, h, w)
+    for i in range(0, b, 2):
+        y, x = torch.randint(0, h // 2, (2,), generator=g).tolist()
+        mask[i, :, y:y + h // 4, x:x + w // 4] = 1
+    return {"mask": mask.to(device), "label": (mask.flatten(1).amax(1) > 0).long().to(device),
+            "clsname": ["random"] * b, "index": torch.arange(b, device=device)}
+
+
+class Variant:
+    """One way of running the same weights: attention implementation, cache, dtype, layout,
+    compilation. Holds its own model copy and optimizer so variants can be interleaved."""
+
+    def __init__(self, name, cfg, state, images, fields, device, attn_impl="sdpa", cached=True,
+                 amp_dtype=None, channels_last=False, compile=False, lr=1e-4):
+        from models.losses import Criterion
+
+        self.name, self.device, self.amp_dtype = name, device, amp_dtype
+        self.model = build(cfg, device, attn_impl, channels_last)
+        self.model.load_state_dict(state)  # every path starts from the same weights
+        self.criterion = Criterion(cfg.get("criterion") or
+                                   [{"name": "mse", "type": "FeatureMSELoss"}])
+        self.opt = torch.optim.AdamW(self.model.trainable_parameters(), lr=lr)
+        self.images = images.contiguous(memory_format=torch.channels_last) \
+            if channels_last else images
+        self.start = len(self.model.frozen_prefix) if cached else 0
+        self.inputs = dict(fields, image=self.images)
+        if cached:  # what the feature cache hands the head
+            with torch.no_grad():
+                data = {"image": self.images}
+                for name in self.model.frozen_prefix:
+                    data.update(getattr(self.model, name)(data))
+            self.inputs = dict(fields, **{k: v for k, v in data.items() if k != "image"})
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.train_times, self.eval_times = [], []
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype,
+                              enabled=self.amp_dtype is not None)
+
+    def step(self):
+        with self.autocast():
+            loss, _ = self.criterion(self.forward(self.inputs, start=self.start))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def predict(self):
+        with torch.no_grad(), self.autocast():
+            return self.forward({"image": self.images})["pred"]
+
+    def warm_up(self):
+        self.model.train()
+        self.step()
+        self.model.eval()
+        self.predict()
+
+    def time_train(self, steps):
+        self.model.train()
+        sync(self.device)
         t = time.perf_counter()
         for _ in range(steps):
-            pred = model({"image": images})["pred"]
-        sync(device)
-        eval_s = (time.perf_counter() - t) / steps
-    b = images.shape[0]
-    out = {"train_img_per_s": b / train_s, "eval_img_per_s": b / eval_s,
-           "train_step_gflop": flops / 1e9, "achieved_gflop_per_s": flops / train_s / 1e9,
-           "peak_rss_mb": mem.peak / 2 ** 20}
-    if device.type == "cuda":
-        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    return out, pred.float()
+            self.step()
+        sync(self.device)
+        self.train_times.append((time.perf_counter() - t) / steps)
+
+    def time_eval(self, steps):
+        self.model.eval()
+        sync(self.device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            self.predict()
+        sync(self.device)
+        self.eval_times.append((time.perf_counter() - t) / steps)
+
+    def flops(self):
+        self.model.train()
+        return count_flops(self.step)
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
 
 def main(argv=None):
@@ -147,7 +231,15 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--compare", action="store_true", help="reference vs fast vs bf16")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    p.add_argument("--channels_last", action="store_true",
+                   help="also a fast fp32 variant with channels-last tensors")
+    p.add_argument("--compile", action="store_true",
+                   help="also a fast fp32 variant under torch.compile (compile time excluded)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds; each times every variant in turn, the median is reported")
+    p.add_argument("--bank_images", type=int, default=32,
+                   help="random images that fill memory banks (heads with a stage one)")
     p.add_argument("--batch_size", type=int, default=None, help="default: the config's")
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -166,55 +258,83 @@ def main(argv=None):
     b = args.batch_size or cfg.dataset.get("batch_size", 8)
     h, w = cfg.dataset.input_size
     images = torch.randn(b, 3, h, w, device=device)
-    variants = [("fast fp32", "sdpa", True, None)]
+    fields = batch_fields(b, (h, w), device)
+    specs = [("fast fp32", {})]
     if args.compare:
-        variants = [("reference fp32", "reference", False, None)] + variants + \
-                   [("fast bf16", "sdpa", True, torch.bfloat16)]
+        specs = [("reference fp32", {"attn_impl": "reference", "cached": False})] + specs + \
+                [("fast bf16", {"amp_dtype": torch.bfloat16})]
+    if args.channels_last:
+        specs.append(("fast fp32 channels-last", {"channels_last": True}))
+    if args.compile:
+        specs.append(("fast fp32 compiled", {"compile": True}))
     model = build(cfg, device, "sdpa")
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    bank_s = prepare_banks(model, cfg, device, args.bank_images)
+    state = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.trainable_parameters())
+    del model
+    variants = []
+    for name, kw in specs:
+        torch.manual_seed(0)
+        v = Variant(name, cfg, state, images, fields, device, **kw)
+        t = time.perf_counter()
+        v.warm_up()
+        v.warm_up_s = time.perf_counter() - t
+        variants.append(v)
+    peaks = {}
+    for dtype in {v.amp_dtype or torch.float32 for v in variants}:
+        peaks[dtype] = matmul_flops_per_s(device, dtype)
+    # interleaved rounds: a load change on a shared machine hits every variant alike
+    for r in range(args.rounds):
+        for v in variants:
+            v.time_train(args.steps)
+            v.time_eval(args.steps)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{v.name} {v.train_times[-1]:.2f} s/step" for v in variants), flush=True)
     results, maps = {}, {}
-    for name, impl, cached, dtype in variants:
-        model.load_state_dict(state)  # every path starts from the same weights
-        for module in model.modules():
-            if hasattr(module, "set_attn_impl"):
-                module.set_attn_impl(impl)
-        dt = dtype or torch.float32
-        peak = matmul_flops_per_s(device, dt)
-        figures, maps[name] = measure(model, images, device, args.steps, cached, dtype)
-        figures["matmul_gflop_per_s"] = peak / 1e9
-        figures["fraction_of_matmul"] = figures["achieved_gflop_per_s"] * 1e9 / peak
-        results[name] = figures
-        print(f"{name}: {json.dumps({k: round(v, 3) for k, v in figures.items()})}", flush=True)
+    for v in variants:
+        dtype = v.amp_dtype or torch.float32
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with PeakRSS() as mem:
+            v.time_train(1)
+        flops = v.flops()
+        train_s, eval_s = median(v.train_times), median(v.eval_times)
+        fig = {"train_img_per_s": b / train_s, "eval_img_per_s": b / eval_s,
+               "train_step_s": train_s, "train_step_s_rounds": v.train_times,
+               "train_step_gflop": flops / 1e9, "achieved_gflop_per_s": flops / train_s / 1e9,
+               "matmul_gflop_per_s": peaks[dtype] / 1e9,
+               "fraction_of_matmul": flops / train_s / peaks[dtype],
+               "peak_rss_mb": mem.peak / 2 ** 20, "warm_up_s": v.warm_up_s}
+        if device.type == "cuda":
+            fig["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        results[v.name] = fig
     # same weights, one eval pass each: do the paths compute the same maps?
-    model.load_state_dict(state)
-    model.eval()
-    check = {}
-    with torch.no_grad():
-        for name, impl, _, dtype in variants:
-            for module in model.modules():
-                if hasattr(module, "set_attn_impl"):
-                    module.set_attn_impl(impl)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                check[name] = model({"image": images})["pred"].float()
-    base = check[variants[0][0]]
-    for name in check:
-        results[name]["max_abs_map_diff_vs_first"] = float((check[name] - base).abs().max())
-    first = variants[0][0]
+    for v in variants:
+        v.model.load_state_dict(state)
+        v.model.eval()
+        maps[v.name] = v.predict().float()
+    base = maps[variants[0].name]
+    first = variants[0].name
     for name in results:
+        results[name]["max_abs_map_diff_vs_first"] = float((maps[name] - base).abs().max())
         results[name]["train_speedup_vs_first"] = (results[name]["train_img_per_s"] /
                                                    results[first]["train_img_per_s"])
     summary = {"config": str(args.config), "device": str(device),
                "threads": torch.get_num_threads(), "batch_size": b, "input_size": [h, w],
-               "parameters": n_params, "trainable_parameters": n_train, "variants": results}
+               "parameters": n_params, "trainable_parameters": n_train,
+               "rounds": args.rounds, "steps_per_round": args.steps,
+               "bank_build_s": bank_s, "variants": results}
     Path(args.out).write_text(json.dumps(summary, indent=2))
     cols = ["train_img_per_s", "eval_img_per_s", "train_speedup_vs_first", "train_step_gflop",
             "achieved_gflop_per_s", "fraction_of_matmul", "peak_rss_mb",
             "max_abs_map_diff_vs_first"]
     table = [[name] + [f"{results[name][c]:.4g}" for c in cols] for name in results]
     print(f"\n{args.config}: batch {b}, {h}x{w}, {device}, {torch.get_num_threads()} threads, "
-          f"{n_params / 1e6:.2f} M parameters ({n_train / 1e6:.2f} M trainable)")
+          f"{n_params / 1e6:.2f} M parameters ({n_train / 1e6:.2f} M trainable); median of "
+          f"{args.rounds} interleaved rounds of {args.steps} steps"
+          + (f"; memory banks built from {args.bank_images} random images in {bank_s:.1f} s"
+             if bank_s is not None else ""))
     print(tabulate(table, headers=["path"] + cols, tablefmt="github"))
     print(f"written {args.out}")
     return 0

@@ -2,7 +2,16 @@
 (and neck) outputs are the same every epoch, so compute them once and train the head from them.
 
 On CPU the backbone is most of a UniAD step; caching turns an epoch into head-only work.
+With ``trainer.feature_cache_dir`` the cache also goes to disk, keyed by everything that
+determines it (the prefix's config and weights, the records, every file's size and mtime, input
+size, normalisation, dtype), so later runs of the same data and backbone skip the
+backbone entirely; any change gives a new key, never a stale hit.
 """
+import hashlib
+import json
+import os
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
@@ -36,6 +45,84 @@ class SkipPrefix(nn.Module):
 
     def forward(self, inputs):
         return self.model(inputs, start=self.start)
+
+
+def _file_stamp(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # a missing file fails in the data pipeline with its own clear error
+    return [st.st_size, st.st_mtime_ns]
+
+
+def cache_key(model, dataset, net_cfg, dtype, split):
+    """Hex digest of what determines the cached outputs of ``model.frozen_prefix``."""
+    h = hashlib.sha256()
+    prefix = list(model.frozen_prefix)
+
+    def put(obj):
+        h.update(json.dumps(obj, sort_keys=True, default=str).encode())
+
+    put({"split": split, "dtype": str(dtype), "prefix": prefix,
+         "net": [dict(e) for e in net_cfg if e.get("name") in prefix],
+         "input_size": list(getattr(dataset, "input_size", []) or []),
+         "mean": list(dataset.pixel_mean), "std": list(dataset.pixel_std),
+         "color": getattr(dataset, "color_mode", "RGB")})
+    for name in prefix:  # the weights themselves: a re-downloaded or edited backbone differs
+        for key, value in getattr(model, name).state_dict().items():
+            if torch.is_tensor(value):
+                h.update(key.encode())
+                h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                         .numpy().tobytes())
+    path_of = getattr(dataset, "path_of", None)
+    for rec in dataset.records:
+        stamps = [_file_stamp(path_of(rec[k])) for k in ("filename", "maskname")
+                  if rec.get(k) and path_of is not None]
+        put([dict(rec), stamps])
+    return h.hexdigest()
+
+
+def save_cache(cached, path, key):
+    """Stacked per-key tensors (masks as uint8 when binary), written atomically."""
+    from utils.checkpoint import save_checkpoint
+
+    items = cached.items
+    packed = {}
+    for k in items[0]:
+        values = [it[k] for it in items]
+        if torch.is_tensor(values[0]):
+            t = torch.stack(values)
+            if k == "mask" and bool(((t == 0) | (t == 1)).all()):
+                t = t.to(torch.uint8)
+            packed[k] = t
+        else:
+            packed[k] = values
+    save_checkpoint({"key": key, "n": len(items), "data": packed}, path)
+
+
+def load_cache(path, key):
+    """The CachedFeatureDataset saved at ``path``; None when absent or for another key."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RuntimeError(f"feature cache {path} is unreadable ({type(exc).__name__}: "
+                           f"{exc}); delete it to rebuild") from None
+    if state.get("key") != key:
+        return None
+    n, data = state["n"], state["data"]
+    items = []
+    for i in range(n):
+        item = {}
+        for k, v in data.items():
+            x = v[i]
+            if k == "mask" and torch.is_tensor(x) and x.dtype == torch.uint8:
+                x = x.float()
+            item[k] = x
+        items.append(item)
+    return CachedFeatureDataset(items)
 
 
 @torch.no_grad()

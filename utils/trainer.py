@@ -21,7 +21,8 @@ from utils.config import save_config, to_plain
 from utils.evaluator import (compute_thresholds, evaluator_settings, metrics_from_inference,
                              normal_percentile, run_inference, write_scores,
                              write_thresholds)
-from utils.feature_cache import SkipPrefix, build_feature_cache
+from utils.feature_cache import (SkipPrefix, build_feature_cache, cache_key, load_cache,
+                                 save_cache)
 from utils.logger import setup_logger
 from utils.misc import set_seed
 from utils.results import protocol_line, results_table, write_results
@@ -138,6 +139,9 @@ class Trainer:
 
         self.model = ModelHelper(cfg.net, input_size=cfg.dataset.input_size,
                                  frozen_layers=cfg.get("frozen_layers")).to(device)
+        self.channels_last = bool(tr.get("channels_last", False))
+        if self.channels_last:  # NHWC convolutions: faster backbones on CPU and tensor cores
+            self.model.to(memory_format=torch.channels_last)
         self.pixel_mean, self.pixel_std = self._normalisation()
         with du.main_process_first():  # rank 0 generates/prepares data, the others reuse it
             self.train_set, self.test_set, self.classes = build_datasets(
@@ -173,7 +177,7 @@ class Trainer:
         self.test_batch_size = int(ds.get("test_batch_size") or self.batch_size)
         self.test_loader = self._test_loader(self.test_set, self.workers)
         self.net = self.model  # what evaluation calls; SkipPrefix when cached
-        self.train_net = self._wrap_ddp(self.net)
+        self.train_net = self._wrap_train(self.net)
         self.use_cache = self._cache_wanted(tr.get("feature_cache", "auto"))
         self._train_cached = self._test_cached = False
         self.start_epoch = 0
@@ -208,6 +212,19 @@ class Trainer:
         sampler = ShardSampler(len(dataset), self.world, self.rank) if self.world > 1 else None
         return build_loader(dataset, self.test_batch_size, workers, shuffle=False,
                             sampler=sampler, generator=torch.Generator().manual_seed(self.seed))
+
+    def _wrap_train(self, net):
+        """The module the training step calls: DDP when distributed, then ``torch.compile``
+        when ``trainer.compile`` (evaluation runs the plain module)."""
+        net = self._wrap_ddp(net)
+        mode = self.cfg.trainer.get("compile", False)
+        if mode:
+            import torch._inductor.config as inductor_config
+
+            # random draws (jitter, dropout) as in eager mode: compiling changes speed only
+            inductor_config.fallback_random = True
+            net = torch.compile(net, mode=None if mode is True else mode)
+        return net
 
     def _wrap_ddp(self, net):
         if self.world <= 1 or self.optimizer is None:
@@ -275,24 +292,42 @@ class Trainer:
             # feature jitter after it would differ from an uncached run
             base = build_loader(self.train_set, self.batch_size, self.workers, shuffle=False,
                                 generator=torch.Generator().manual_seed(self.seed))
-            cached = build_feature_cache(self.model, base, self.device, self._cache_dtype(),
-                                         self.progress, "caching train features")
+            cached, where = self._cached_features(self.train_set, base, "train")
             self.train_loader = build_loader(cached, self.batch_size, 0, shuffle=True,
                                              generator=self.loader_gen, sampler=self.sampler)
             self._train_cached = True
         else:
             base = build_loader(self.test_set, self.test_batch_size, self.workers,
                                 shuffle=False, generator=torch.Generator().manual_seed(self.seed))
-            cached = build_feature_cache(self.model, base, self.device,
-                                         self._cache_dtype(), self.progress,
-                                         "caching test features")
+            cached, where = self._cached_features(self.test_set, base, "test")
             self.test_loader = self._test_loader(cached, 0)
             self._test_cached = True
         self.net = SkipPrefix(self.model, len(self.model.frozen_prefix))
-        self.train_net = self._wrap_ddp(self.net)
+        self.train_net = self._wrap_train(self.net)
         self.logger.info(f"cached {'train' if train else 'test'} features of "
-                         f"{', '.join(self.model.frozen_prefix)} for {len(cached)} images "
-                         f"({time.time() - t0:.1f}s)")
+                         f"{', '.join(self.model.frozen_prefix)} for {len(cached)} images, "
+                         f"{where} ({time.time() - t0:.1f}s)")
+
+    def _cached_features(self, dataset, loader, split):
+        """In memory, or through ``trainer.feature_cache_dir`` on disk (rank 0 writes, the
+        other ranks read). Returns the cached dataset and where it came from."""
+        dtype = self._cache_dtype()
+        desc = f"caching {split} features"
+        cache_dir = self.cfg.trainer.get("feature_cache_dir")
+        if not cache_dir:
+            return build_feature_cache(self.model, loader, self.device, dtype, self.progress,
+                                       desc), "computed"
+        key = cache_key(self.model, dataset, self.cfg.net, dtype, split)
+        path = Path(cache_dir) / f"{split}-{key[:32]}.pt"
+        with du.main_process_first():
+            cached = load_cache(path, key)
+            if cached is not None and len(cached) == len(dataset):
+                return cached, f"read from {path}"
+            cached = build_feature_cache(self.model, loader, self.device, dtype, self.progress,
+                                         desc)
+            if self.is_main:
+                save_cache(cached, path, key)
+        return cached, f"computed and written to {path}"
 
     @property
     def writer(self):
@@ -383,8 +418,11 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def to_device(self, batch):
         """Tensors to the device; heads that learn from masks/labels (DMAD) read them too."""
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                for k, v in batch.items()}
+        out = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+               for k, v in batch.items()}
+        if self.channels_last and torch.is_tensor(out.get("image")) and out["image"].dim() == 4:
+            out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+        return out
 
     def prepare_modules(self):
         """Stage one of two-stage methods: a module with ``prepare(trainer)`` (e.g. a memory
