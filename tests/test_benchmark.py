@@ -1,0 +1,67 @@
+"""tools/benchmark.py on tiny configs: every variant computes the same maps, the cache removes
+the backbone's FLOPs, heads with memory banks get them filled, and the JSON holds the figures.
+(Speed itself is measured by running the script, never asserted here.)"""
+import json
+
+import yaml
+
+from conftest import ROOT, tiny_net
+from tools import benchmark
+
+
+def write_config(tmp_path, net, criterion=None):
+    cfg = {"_base_": str(ROOT / "configs" / "runtime.yaml"),
+           "dataset": {"type": "synthetic", "input_size": [64, 64], "batch_size": 2},
+           "net": net}
+    if criterion:
+        cfg["criterion"] = criterion
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(tmp_path, config, *extra):
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--config", str(config), "--rounds", "1", "--steps", "1",
+                           "--threads", "1", "--out", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_compare_uniad_paths_agree_and_cache_removes_backbone_flops(tmp_path):
+    net = tiny_net()
+    net[2]["kwargs"]["dropout"] = 0.1  # the fast dropout path is part of what is compared
+    result = run(tmp_path, write_config(tmp_path, net), "--compare", "--channels_last")
+    variants = result["variants"]
+    assert list(variants) == ["reference fp32", "fast fp32", "fast bf16",
+                              "fast fp32 channels-last"]
+    ref, fast = variants["reference fp32"], variants["fast fp32"]
+    assert fast["max_abs_map_diff_vs_first"] < 1e-4
+    assert variants["fast fp32 channels-last"]["max_abs_map_diff_vs_first"] < 1e-4
+    assert ref["train_step_gflop"] > fast["train_step_gflop"] > 0
+    assert variants["fast bf16"]["train_step_gflop"] == fast["train_step_gflop"]
+    for v in variants.values():
+        assert v["train_img_per_s"] > 0 and v["eval_img_per_s"] > 0
+        assert 0 < v["fraction_of_matmul"] and v["peak_rss_mb"] > 0
+        assert len(v["train_step_s_rounds"]) == 1
+    assert result["bank_build_s"] is None
+
+
+def test_dmad_banks_are_filled_and_its_own_loss_is_used(tmp_path):
+    net = [
+        {"name": "backbone", "type": "models.backbones.resnet18", "frozen": True,
+         "kwargs": {"pretrained": False, "outlayers": [1, 2]}},
+        {"name": "neck", "prev": "backbone", "type": "models.necks.PatchCoreNeck",
+         "kwargs": {"out_dim": 48, "projection": "random", "seed": 1}},
+        {"name": "head", "prev": "neck", "type": "models.heads.DMAD",
+         "kwargs": {"coreset_ratio": 0.2, "hidden": [16], "num_centers": 2,
+                    "center_samples": 2}},
+    ]
+    criterion = [{"name": "focal", "type": "models.heads.dmad.PatchFocalLoss",
+                  "kwargs": {"weight": 1.0}}]
+    result = run(tmp_path, write_config(tmp_path, net, criterion), "--compare",
+                 "--bank_images", "4")
+    assert result["bank_build_s"] > 0
+    fast = result["variants"]["fast fp32"]
+    assert fast["max_abs_map_diff_vs_first"] < 1e-5
+    # DMAD's step retrieves from the banks: FLOPs beyond the score head's convolutions
+    assert fast["train_step_gflop"] > 0
