@@ -6,8 +6,9 @@ slices of full-range 64-bit integers (``random_``, one draw per four elements): 
 kept when its 16-bit value is at or above ``t = round(p * 65536)``, so the drop probability is
 ``t / 65536`` (p quantised to 1/65536: 0.1 -> 0.1000061) and kept values are scaled by
 ``65536 / (65536 - t)``, which keeps the layer unbiased for the drop rate actually used. The
-mask is stored as bool (a quarter of a float mask) for the backward pass. Masks follow
-``torch.manual_seed`` like any other draw. On CUDA (fused kernels) and for p outside (0, 1) the
+mask is turned into the input's dtype once and reused by the backward pass (multiplying by a
+bool mask casts it again on every use). Masks follow ``torch.manual_seed`` like any other
+draw. On CUDA (fused kernels) and for p outside (0, 1) the
 standard ``F.dropout`` runs.
 """
 import torch
@@ -15,6 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _LEVELS = 65536
+
+
+def keep_scale(p):
+    """1 / (1 - the drop rate actually used)."""
+    return _LEVELS / (_LEVELS - round(p * _LEVELS))
 
 
 def keep_mask(shape, p, device):
@@ -26,20 +32,26 @@ def keep_mask(shape, p, device):
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)
     # int16 view of uniform 64-bit words: uniform on [-32768, 32767]
     keep = words.view(torch.int16)[:n].view(shape) >= drop - _LEVELS // 2
-    return keep, _LEVELS / (_LEVELS - drop)
+    return keep, keep_scale(p)
 
 
-class _MaskedScale(torch.autograd.Function):
+def float_mask(shape, p, dtype, device, scaled=True):
+    """:func:`keep_mask` as 0 / ``scale`` (or 0 / 1 when not ``scaled``) in ``dtype``."""
+    keep, scale = keep_mask(shape, p, device)
+    mask = keep.to(dtype)
+    return mask.mul_(scale) if scaled else mask, scale
+
+
+class _Masked(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, keep, scale):
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return x * keep * scale
+    def forward(ctx, x, mask):
+        ctx.save_for_backward(mask)
+        return x * mask
 
     @staticmethod
     def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return grad * keep * ctx.scale, None, None
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
 
 
 def fast_dropout(x, p, training=True):
@@ -48,23 +60,25 @@ def fast_dropout(x, p, training=True):
         return x
     if x.device.type != "cpu" or not 0 < p < 1:
         return F.dropout(x, p, training)
-    keep, scale = keep_mask(x.shape, p, x.device)
-    return _MaskedScale.apply(x, keep, scale)
+    mask, _ = float_mask(x.shape, p, x.dtype, x.device)
+    return _Masked.apply(x, mask)
 
 
 class _SoftmaxKeep(torch.autograd.Function):
-    """softmax(scores) * keep in one node: two passes over the (B*H, L, L) maps, not four."""
+    """softmax(scores) * mask in one node: the softmax output is kept for the backward pass
+    once, and no scaled copy of the (B*H, L, L) maps is made."""
 
     @staticmethod
-    def forward(ctx, scores, keep):
+    def forward(ctx, scores, p):
         weights = torch.softmax(scores, dim=-1)
-        ctx.save_for_backward(weights, keep)
-        return weights * keep
+        mask, _ = float_mask(weights.shape, p, weights.dtype, weights.device, scaled=False)
+        ctx.save_for_backward(weights, mask)
+        return weights * mask
 
     @staticmethod
     def backward(ctx, grad):
-        weights, keep = ctx.saved_tensors
-        return torch._softmax_backward_data(grad * keep, weights, -1, weights.dtype), None
+        weights, mask = ctx.saved_tensors
+        return torch._softmax_backward_data(grad * mask, weights, -1, weights.dtype), None
 
 
 def softmax_dropout(scores, p):
@@ -74,8 +88,7 @@ def softmax_dropout(scores, p):
     if not 0 < p < 1 or scores.device.type != "cpu":
         raise ValueError(f"softmax_dropout is the CPU path for 0 < p < 1, got p={p} on "
                          f"{scores.device.type}")
-    keep, scale = keep_mask(scores.shape, p, scores.device)
-    return _SoftmaxKeep.apply(scores, keep), scale
+    return _SoftmaxKeep.apply(scores, p), keep_scale(p)
 
 
 class FastDropout(nn.Dropout):

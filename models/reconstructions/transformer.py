@@ -10,9 +10,10 @@ and that dropout instead of SDPA's math path (which draws with ``bernoulli_`` an
 mask every call); evaluation and dropout-free training use SDPA.
 
 ``attn_impl: reference`` runs the same weights the way the UniAD code does (sequence-first
-``F.multi_head_attention_forward`` with a float -inf mask rebuilt by loops every forward, and
-the standard dropout); it exists so ``tools/benchmark.py --compare`` can measure the fast path
-against it.
+``F.multi_head_attention_forward`` with a float -inf mask rebuilt by loops every forward, the
+standard dropout, and ``need_weights`` left at its default, True, as UniAD's calls leave it,
+which takes the explicit softmax path and also averages the weights over heads); it exists so
+``tools/benchmark.py --compare`` can measure the fast path against it.
 """
 import copy
 import math
@@ -110,7 +111,7 @@ class MultiheadAttention(nn.Module):
             query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), self.dim,
             self.num_heads, self.in_proj_weight, self.in_proj_bias, None, None, False,
             self.dropout, self.out_proj.weight, self.out_proj.bias, training=self.training,
-            need_weights=False, attn_mask=float_mask)
+            need_weights=True, attn_mask=float_mask)  # UniAD's call leaves the default: True
         return out.transpose(0, 1)
 
 
