@@ -31,3 +31,26 @@ def tiny_net(hidden_dim=32, feature_stride=16, backbone="resnet18", outlayers=(1
                     "neighbor_mask": {"neighbor_size": [3, 3], "mask": [True, True, True]},
                     "initializer": {"method": "xavier_uniform"}}},
     ]
+
+
+def tiny_dmad_net(out_dim=48):
+    """A small random-weight DMAD net: ResNet-18 layers 1-2, PatchCore neck, DMAD head."""
+    return [
+        {"name": "backbone", "type": "models.backbones.resnet18", "frozen": True,
+         "kwargs": {"pretrained": False, "outlayers": [1, 2]}},
+        {"name": "neck", "prev": "backbone", "type": "models.necks.PatchCoreNeck",
+         "kwargs": {"out_dim": out_dim, "projection": "random", "seed": 1}},
+        {"name": "head", "prev": "neck", "type": "models.heads.DMAD",
+         "kwargs": {"coreset_ratio": 0.2, "hidden": [16], "num_centers": 2,
+                    "center_samples": 2}},
+    ]
+
+
+def synthetic_dataset(root, seed, image_size=64, num_train=6, num_test_good=3,
+                      num_test_defect=1, batch_size=4, classes=("disc", "weave")):
+    """The ``dataset`` section of a tiny synthetic run (data generated under ``root``)."""
+    return {"type": "synthetic",
+            "synthetic": {"root": str(root), "seed": seed, "classes": list(classes),
+                          "image_size": image_size, "num_train": num_train,
+                          "num_test_good": num_test_good, "num_test_defect": num_test_defect},
+            "input_size": [image_size, image_size], "batch_size": batch_size, "workers": 0}

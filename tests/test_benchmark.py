@@ -5,7 +5,7 @@ import json
 
 import yaml
 
-from conftest import ROOT, tiny_net
+from conftest import ROOT, tiny_dmad_net, tiny_net
 from tools import benchmark
 
 
@@ -47,15 +47,7 @@ def test_compare_uniad_paths_agree_and_cache_removes_backbone_flops(tmp_path):
 
 
 def test_dmad_banks_are_filled_and_its_own_loss_is_used(tmp_path):
-    net = [
-        {"name": "backbone", "type": "models.backbones.resnet18", "frozen": True,
-         "kwargs": {"pretrained": False, "outlayers": [1, 2]}},
-        {"name": "neck", "prev": "backbone", "type": "models.necks.PatchCoreNeck",
-         "kwargs": {"out_dim": 48, "projection": "random", "seed": 1}},
-        {"name": "head", "prev": "neck", "type": "models.heads.DMAD",
-         "kwargs": {"coreset_ratio": 0.2, "hidden": [16], "num_centers": 2,
-                    "center_samples": 2}},
-    ]
+    net = tiny_dmad_net()
     criterion = [{"name": "focal", "type": "models.heads.dmad.PatchFocalLoss",
                   "kwargs": {"weight": 1.0}}]
     result = run(tmp_path, write_config(tmp_path, net, criterion), "--compare",

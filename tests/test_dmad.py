@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, synthetic_dataset, tiny_dmad_net
 from datasets.seen_anomalies import apply_seen_anomalies, split_seen_anomalies
 from models.heads.dmad import (DMAD, PatchBCELoss, PatchFocalLoss, feature_extractor,
                                gaussian_blur)
@@ -360,17 +360,8 @@ def test_build_banks_contents_and_memory_cap():
 def _model(tmp_path):
     from models import ModelHelper
 
-    net = [
-        {"name": "backbone", "type": "models.backbones.resnet18", "frozen": True,
-         "kwargs": {"pretrained": False, "outlayers": [1, 2]}},
-        {"name": "neck", "prev": "backbone", "type": "models.necks.PatchCoreNeck",
-         "kwargs": {"out_dim": 48, "projection": "random", "seed": 1}},
-        {"name": "head", "prev": "neck", "type": "models.heads.DMAD",
-         "kwargs": {"coreset_ratio": 0.2, "hidden": [16], "num_centers": 2,
-                    "center_samples": 2}},
-    ]
     torch.manual_seed(0)
-    return ModelHelper(net, input_size=[32, 32])
+    return ModelHelper(tiny_dmad_net(), input_size=[32, 32])
 
 
 def test_checkpoint_round_trip_resizes_banks(tmp_path):
@@ -430,14 +421,10 @@ def _write_config(tmp_path, seen=0, join=True):
     cfg = {
         "_base_": str(ROOT / "experiments" / "demo" / "dmad.yaml"),
         "random_seed": 3,
-        "dataset": {
-            "type": "synthetic",
-            "synthetic": {"root": str(tmp_path / "data"), "seed": 3,
-                          "classes": ["disc", "weave"], "image_size": 96, "num_train": 12,
-                          "num_test_good": 4, "num_test_defect": 2},
-            "input_size": [96, 96], "batch_size": 8, "workers": 0,
-            "seen_anomalies": {"num_per_class": seen, "seed": 0, "join_training": join},
-        },
+        "dataset": dict(
+            synthetic_dataset(tmp_path / "data", seed=3, image_size=96, num_train=12,
+                              num_test_good=4, num_test_defect=2, batch_size=8),
+            seen_anomalies={"num_per_class": seen, "seed": 0, "join_training": join}),
         "trainer": {"max_epoch": 4, "val_freq_epoch": 4},
     }
     path = tmp_path / f"dmad_{seen}_{join}.yaml"

@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, tiny_net
+from conftest import ROOT, synthetic_dataset, tiny_net
 from tools import train_val
 
 pytestmark = pytest.mark.slow
@@ -15,13 +15,7 @@ def make_config(tmp_path, epochs=3, val_freq=1, scheduler="StepLR"):
     cfg = {
         "_base_": str(ROOT / "configs" / "runtime.yaml"),
         "random_seed": 7,
-        "dataset": {
-            "type": "synthetic",
-            "synthetic": {"root": str(tmp_path / "data"), "seed": 3,
-                          "classes": ["disc", "weave"], "image_size": 64, "num_train": 6,
-                          "num_test_good": 3, "num_test_defect": 1},
-            "input_size": [64, 64], "batch_size": 4, "workers": 0,
-        },
+        "dataset": synthetic_dataset(tmp_path / "data", seed=3),
         "trainer": {"max_epoch": epochs, "val_freq_epoch": val_freq,
                     "optimizer": {"type": "AdamW", "kwargs": {"lr": 1e-3}},
                     "lr_scheduler": {"type": scheduler, "kwargs": {"step_size": 2, "gamma": 0.5}

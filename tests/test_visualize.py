@@ -9,7 +9,7 @@ import torch
 import yaml
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from conftest import ROOT, tiny_net
+from conftest import ROOT, synthetic_dataset, tiny_net
 from utils import visualize as V
 from utils.evaluator import (compute_thresholds, metrics_from_inference, normalized_score,
                              write_scores)
@@ -199,13 +199,7 @@ def make_config(tmp_path, epochs=2):
     cfg = {
         "_base_": str(ROOT / "configs" / "runtime.yaml"),
         "random_seed": 5,
-        "dataset": {
-            "type": "synthetic",
-            "synthetic": {"root": str(tmp_path / "data"), "seed": 2,
-                          "classes": ["disc", "weave"], "image_size": 64, "num_train": 6,
-                          "num_test_good": 3, "num_test_defect": 1},
-            "input_size": [64, 64], "batch_size": 4, "workers": 0,
-        },
+        "dataset": synthetic_dataset(tmp_path / "data", seed=2),
         "trainer": {"max_epoch": epochs, "val_freq_epoch": 1,
                     "optimizer": {"type": "AdamW", "kwargs": {"lr": 1e-3}}},
         "evaluator": {"vis": {"normalize": "global", "tensorboard_panels": 3}},
