@@ -201,6 +201,18 @@ def test_channels_last_and_compile_train_like_the_default(tmp_path):
     assert losses["compiled"] == pytest.approx(losses["plain"], rel=1e-4)
 
 
+def test_compile_without_a_cxx_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    import shutil
+
+    from utils.config import load_config
+    from utils.trainer import Trainer
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    cfg = load_config(make_config(tmp_path), ["trainer.compile=true"])
+    with pytest.raises(ValueError, match="trainer.compile on CPU needs a C\\+\\+ compiler"):
+        Trainer(cfg, tmp_path / "w", torch.device("cpu"), progress=False)
+
+
 def test_feature_cache_true_with_augmentation_is_refused(tmp_path):
     from utils.config import load_config
     from utils.trainer import Trainer

@@ -4,6 +4,7 @@ Every tool (``train_val.py``, the unified and per-class scripts) builds a ``Trai
 resolved config and calls ``fit()`` or ``evaluate()``; nothing else owns a training loop.
 """
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -219,7 +220,15 @@ class Trainer:
         net = self._wrap_ddp(net)
         mode = self.cfg.trainer.get("compile", False)
         if mode:
+            import shutil
+
             import torch._inductor.config as inductor_config
+
+            if self.device.type == "cpu" and not any(
+                    shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+                raise ValueError("trainer.compile on CPU needs a C++ compiler (g++ or clang++, "
+                                 "or $CXX) for torch.compile's code generation; install one "
+                                 "or set trainer.compile: false")
 
             # random draws (jitter, dropout) as in eager mode: compiling changes speed only
             inductor_config.fallback_random = True
