@@ -226,26 +226,30 @@ class Transformer(nn.Module):
             elif isinstance(module, FastDropout):
                 module.fast = impl == "sdpa"
 
-    def _mask(self, i):
-        if not self.use_mask[i]:
-            return None
+    def _masks(self):
+        """(encoder, decoder self, decoder cross) masks for one pass; the reference path
+        rebuilds the mask with UniAD's loops once per call, as UniAD does per forward."""
+        if not any(self.use_mask):
+            return None, None, None
+        mask = self.mask
         if getattr(self, "attn_impl", "sdpa") == "reference":
-            return neighbor_mask_loops(self.feature_size, self.neighbor_size).to(
-                self.mask.device)
-        return self.mask
+            mask = neighbor_mask_loops(self.feature_size, self.neighbor_size).to(mask.device)
+        return tuple(mask if use else None for use in self.use_mask)
 
     def encode(self, src, pos):
+        mask = self._masks()[0]
         for layer in self.encoder_layers:
-            src = layer(src, pos, self._mask(0))
+            src = layer(src, pos, mask)
         return self.encoder_norm(src) if self.encoder_norm is not None else src
 
     def decode(self, memory, pos, query=None, continuous_query=True):
         """``query`` replaces the learned per-layer queries: at every layer when
         ``continuous_query`` (DuMeNet), else only at the first (the reference code)."""
+        _, self_mask, cross_mask = self._masks()
         out = memory
         for i, layer in enumerate(self.decoder_layers):
             q = query if (query is not None and (continuous_query or i == 0)) else None
-            out = layer(out, memory, pos, self._mask(1), self._mask(2), query=q)
+            out = layer(out, memory, pos, self_mask, cross_mask, query=q)
         return self.decoder_norm(out)
 
     def forward(self, src, pos):
