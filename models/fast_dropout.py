@@ -8,8 +8,7 @@ kept when its 16-bit value is at or above ``t = round(p * 65536)``, so the drop 
 ``65536 / (65536 - t)``, which keeps the layer unbiased for the drop rate actually used. The
 mask is turned into the input's dtype once and reused by the backward pass (multiplying by a
 bool mask casts it again on every use). Masks follow ``torch.manual_seed`` like any other
-draw. On CUDA (fused kernels) and for p outside (0, 1) the
-standard ``F.dropout`` runs.
+draw. On CUDA (fused kernels) and for p outside (0, 1) the standard ``F.dropout`` runs.
 """
 import torch
 import torch.nn as nn
