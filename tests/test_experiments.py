@@ -89,3 +89,24 @@ def test_apply_data_args(tmp_path):
     a = parse(["--data_root", "m.json", "--data_type", "ader"])
     apply_data_args(cfg, a.data_root, a.data_type)
     assert cfg.dataset.type == "ader"
+
+
+def test_busy_cpu_note_suggests_one_thread(monkeypatch, capsys):
+    import os
+
+    import torch
+
+    from tools._common import warn_if_busy
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 3.0, 2.0))
+    warn_if_busy()
+    assert "load average 3.5 on 2 CPUs" in capsys.readouterr().err
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.3, 0.2))
+    warn_if_busy()
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # one thread: nothing to wait on
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    warn_if_busy()
+    assert capsys.readouterr().err == ""
