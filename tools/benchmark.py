@@ -198,24 +198,23 @@ class Variant:
         self.model.eval()
         self.predict()
 
-    def time_train(self, steps, record=True):
-        self.model.train()
+    def _seconds_per_call(self, fn, steps):
         sync(self.device)
         t = time.perf_counter()
         for _ in range(steps):
-            self.step()
+            fn()
         sync(self.device)
+        return (time.perf_counter() - t) / steps
+
+    def time_train(self, steps, record=True):
+        self.model.train()
+        seconds = self._seconds_per_call(self.step, steps)
         if record:
-            self.train_times.append((time.perf_counter() - t) / steps)
+            self.train_times.append(seconds)
 
     def time_eval(self, steps):
         self.model.eval()
-        sync(self.device)
-        t = time.perf_counter()
-        for _ in range(steps):
-            self.predict()
-        sync(self.device)
-        self.eval_times.append((time.perf_counter() - t) / steps)
+        self.eval_times.append(self._seconds_per_call(self.predict, steps))
 
     def flops(self):
         self.model.train()
