@@ -90,7 +90,7 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, lq, c))
 
     def _attend_fast_dropout(self, q, k, v, attn_mask):
-        """SDPA's math with :func:`fast_dropout` on the weights; (B, H, L, D) in and out."""
+        """SDPA's math with :func:`softmax_dropout` on the weights; (B, H, L, D) in and out."""
         b, h, lq, d = q.shape
         q, k, v = q.reshape(b * h, lq, d), k.reshape(b * h, -1, d), v.reshape(b * h, -1, d)
         if attn_mask is None:
