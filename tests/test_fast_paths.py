@@ -1,13 +1,52 @@
-"""The CPU fast paths compute what the plain formulas compute: cheap dropout masks, the
-fast-dropout attention, and the learned query projected once per batch."""
+"""The CPU fast paths compute what the plain formulas compute: cheap dropout masks (SplitMix64),
+the chunked fast-dropout attention, and the learned query projected once per batch."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.fast_dropout import FastDropout, fast_dropout, keep_mask
+from models.chunked_attention import attention_dropout
+from models.fast_dropout import FastDropout, fast_dropout, keep_mask, splitmix64, uniform16
 from models.reconstructions.transformer import MultiheadAttention, TransformerDecoderLayer
+
+
+def test_splitmix64_matches_published_vector_and_python_reference():
+    # the first outputs of SplitMix64 seeded with 1234567 (the test vector of Vigna's C code)
+    expected = [6457827717110365317, 3203168211198807973, 9817491932198370423,
+                4593380528125082431, 16408922859458223821]
+    got = [w % 2 ** 64 for w in splitmix64(1234567, 5, "cpu").tolist()]
+    assert got == expected
+    # negative and large seeds, a long run, reused buffers: against Python big integers
+    mask = 2 ** 64 - 1
+
+    def reference(seed, i):
+        z = (seed + (i + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    out, scratch = torch.empty(3000, dtype=torch.int64), torch.empty(3000, dtype=torch.int64)
+    for seed in (-2 ** 63, -1, 2 ** 63 - 1, 987654321987):
+        words = splitmix64(seed, 2500, "cpu", out, scratch).tolist()
+        assert words[:2500] == words and len(words) == 2500
+        for i in (0, 1, 777, 2499):
+            assert words[i] % 2 ** 64 == reference(seed % 2 ** 64, i)
+
+
+def test_uniform16_follows_manual_seed_and_fresh_seeds_differ():
+    torch.manual_seed(5)
+    a, b = uniform16(10_001, "cpu").clone(), uniform16(10_001, "cpu").clone()
+    torch.manual_seed(5)
+    assert torch.equal(uniform16(10_001, "cpu"), a)
+    assert a.dtype == torch.int16 and a.shape == (10_001,)
+    # two successive masks: uncorrelated (each a fresh seed from the default generator)
+    corr = torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1].item()
+    assert abs(corr) < 6 / math.sqrt(10_001)
+    # uniform over the int16 range: mean and variance of U{-32768..32767}
+    big = uniform16(1_000_000, "cpu").double()
+    assert abs(big.mean().item() + 0.5) < 6 * 18918 / 1000
+    assert big.var().item() == pytest.approx((65536 ** 2 - 1) / 12, rel=0.01)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -103,3 +142,46 @@ def test_learned_query_projected_once_equals_per_image():
     assert "learned_embed.weight" in names  # reached through expand in one, repeat in the other
     for name, g1, g2 in zip(names, grads_once, grads_each):
         assert torch.allclose(g1, g2, atol=1e-10), name
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, None])
+@pytest.mark.parametrize("masked", [True, False])
+def test_chunked_attention_matches_float64_formula_forward_and_backward(chunk, masked):
+    """Every chunk size (one map, a partial last chunk, all at once) gives softmax(q k^T /
+    sqrt(d) + mask) * keep * scale @ v and its gradients, with keep the chunk-by-chunk masks."""
+    torch.manual_seed(0)
+    bh, lq, lk, d, p = 5, 9, 7, 4, 0.3
+    q, k, v = (torch.randn(bh, n, d, dtype=torch.float64, requires_grad=True)
+               for n in (lq, lk, lk))
+    allowed = torch.rand(lq, lk) > 0.3
+    allowed[:, 0] = True
+    additive = torch.zeros(lq, lk, dtype=torch.float64).masked_fill(~allowed, float("-inf")) \
+        if masked else None
+    grad_out = torch.randn(bh, lq, d, dtype=torch.float64)
+    torch.manual_seed(11)
+    out = attention_dropout(q, k, v, additive, p, chunk=chunk)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    torch.manual_seed(11)  # the same draws, one mask per chunk
+    step = chunk or bh
+    keep = torch.cat([keep_mask((min(step, bh - s), lq, lk), p, torch.device("cpu"))[0]
+                      for s in range(0, bh, step)])
+    scale = 65536 / (65536 - round(p * 65536))
+    scores = q @ k.transpose(1, 2) / math.sqrt(d)
+    if masked:
+        scores = scores + additive
+    expected = (torch.softmax(scores, -1) * keep * scale) @ v
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+    assert torch.allclose(out, expected, atol=1e-12)
+    for name, g, e in zip("qkv", grads, expected_grads):
+        assert torch.allclose(g, e, atol=1e-10), name
+    assert 0 < keep.float().mean().item() < 1  # some kept, some dropped
+
+
+def test_chunked_attention_gradient_only_where_needed_and_bad_calls():
+    q, k, v = torch.randn(3, 4, 6, 8).unbind(0)
+    k.requires_grad_(True)
+    out = attention_dropout(q, k, v, None, 0.5)
+    (gk,) = torch.autograd.grad(out.sum(), (k,))
+    assert gk.shape == k.shape and torch.isfinite(gk).all()
+    with pytest.raises(ValueError, match="0 < p < 1"):
+        attention_dropout(q, k, v, None, 0.0)

@@ -5,9 +5,10 @@ with the neighbour mask built once as a buffer. Parameter names match ``nn.Multi
 (``in_proj_weight``, ``in_proj_bias``, ``out_proj``) so UniAD checkpoints load unchanged.
 
 In training on CPU, dropout (of activations and of attention weights) draws its masks with
-:mod:`models.fast_dropout`, so the attention then runs as two batched matmuls around a softmax
-and that dropout instead of SDPA's math path (which draws with ``bernoulli_`` and re-checks the
-mask every call); evaluation and dropout-free training use SDPA.
+:mod:`models.fast_dropout`, and the attention runs through :mod:`models.chunked_attention`
+(softmax, dropout and the two batched matmuls a few heads at a time, in cache) instead of SDPA's
+math path (which draws with ``bernoulli_`` and makes every (B*H, L, L) map in main memory);
+evaluation and dropout-free training use SDPA.
 
 ``attn_impl: reference`` runs the same weights the way the UniAD code does (sequence-first
 ``F.multi_head_attention_forward`` with a float -inf mask rebuilt by loops every forward, the
@@ -22,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.fast_dropout import FastDropout, softmax_dropout
+from models.chunked_attention import attention_dropout
+from models.fast_dropout import FastDropout
 
 
 def neighbor_mask_loops(feature_size, neighbor_size):
@@ -90,17 +92,16 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, lq, c))
 
     def _attend_fast_dropout(self, q, k, v, attn_mask):
-        """SDPA's math with :func:`softmax_dropout` on the weights; (B, H, L, D) in and out."""
+        """SDPA's math with the dropout of :mod:`models.chunked_attention`; (B, H, L, D) in
+        and out."""
         b, h, lq, d = q.shape
-        q, k, v = q.reshape(b * h, lq, d), k.reshape(b * h, -1, d), v.reshape(b * h, -1, d)
-        if attn_mask is None:
-            scores = torch.bmm(q, k.transpose(1, 2)).mul_(d ** -0.5)
-        else:  # bool "allowed" -> additive 0 / -inf, fused into the score matmul
+        additive = None
+        if attn_mask is not None:  # bool "allowed" -> additive 0 / -inf
             additive = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device)
             additive.masked_fill_(~attn_mask, float("-inf"))
-            scores = torch.baddbmm(additive, q, k.transpose(1, 2), alpha=d ** -0.5)
-        weights, scale = softmax_dropout(scores, self.dropout)
-        return torch.bmm(weights.to(v.dtype), v * scale).view(b, h, lq, d)
+        out = attention_dropout(q.reshape(b * h, lq, d), k.reshape(b * h, -1, d),
+                                v.reshape(b * h, -1, d), additive, self.dropout)
+        return out.view(b, h, lq, d)
 
     def _reference(self, query, key, value, attn_mask):
         float_mask = None
