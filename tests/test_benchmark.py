@@ -3,6 +3,7 @@ the backbone's FLOPs, heads with memory banks get them filled, and the JSON hold
 (Speed itself is measured by running the script, never asserted here.)"""
 import json
 
+import pytest
 import yaml
 
 from conftest import ROOT, tiny_dmad_net, tiny_net
@@ -43,6 +44,11 @@ def test_compare_uniad_paths_agree_and_cache_removes_backbone_flops(tmp_path):
         assert v["train_img_per_s"] > 0 and v["eval_img_per_s"] > 0
         assert 0 < v["fraction_of_matmul"] and v["peak_rss_mb"] > 0
         assert len(v["train_step_s_rounds"]) == 1
+        # the fraction is against the median of the per-round matmul measurements
+        assert len(v["matmul_gflop_per_s_rounds"]) == 1
+        assert v["matmul_gflop_per_s"] == v["matmul_gflop_per_s_rounds"][0]
+        assert v["fraction_of_matmul"] == pytest.approx(
+            v["achieved_gflop_per_s"] / v["matmul_gflop_per_s"], rel=1e-9)
     assert result["bank_build_s"] is None
 
 
