@@ -79,6 +79,7 @@ class _ChunkedAttention(torch.autograd.Function):
                 dv.mul_(ctx.scale) if need_v else None, None, None, None)
 
 
+@torch.compiler.disable  # runs eagerly inside torch.compile (its buffers are reused in place)
 def attention_dropout(q, k, v, additive_mask, p, chunk=None):
     """Dropout(softmax(q k^T / sqrt(d) + additive_mask)) @ v for (B*H, L, d) CPU tensors,
     0 < p < 1; ``additive_mask`` is None or (Lq, Lk) of 0 / -inf. Computed in q's dtype with

@@ -73,6 +73,9 @@ def draw_seed(device="cpu"):
     return int(torch.empty((), dtype=torch.int64, device=device).random_(-2 ** 63, None))
 
 
+# eager inside torch.compile: AOT autograd mishandles the int64 -> int16 view of a graph
+# intermediate, and eager draws stay identical to those of an uncompiled run
+@torch.compiler.disable
 def uniform16(n, device, words=None, scratch=None):
     """``n`` uniform int16 values: the four 16-bit slices of ``ceil(n / 4)`` SplitMix64 words
     under a fresh seed; ``words`` and ``scratch`` (int64 buffers) are reused when given."""
