@@ -185,3 +185,28 @@ def test_chunked_attention_gradient_only_where_needed_and_bad_calls():
     assert gk.shape == k.shape and torch.isfinite(gk).all()
     with pytest.raises(ValueError, match="0 < p < 1"):
         attention_dropout(q, k, v, None, 0.0)
+
+
+def test_feedforward_relu_dropout_in_place_matches_float64_formula():
+    """The FFN's in-place relu + dropout gives relu(x W1 + b1) * keep * scale @ W2 + b2 and the
+    same gradients for every weight, with keep the mask float_mask draws for that shape."""
+    from models.reconstructions.transformer import FeedForward
+
+    torch.manual_seed(0)
+    ffn = FeedForward(8, 16, 0.25, "relu").double().train()
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(4)
+    out = ffn(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *ffn.parameters()])
+    torch.manual_seed(4)  # the forward's only draw: the hidden layer's mask
+    keep, scale = keep_mask((3, 5, 16), 0.25, torch.device("cpu"))
+    hidden = torch.relu(x @ ffn.linear1.weight.t() + ffn.linear1.bias) * keep * scale
+    expected = hidden @ ffn.linear2.weight.t() + ffn.linear2.bias
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *ffn.parameters()])
+    assert torch.allclose(out, expected, atol=1e-12)
+    for g, e in zip(grads, expected_grads):
+        assert torch.allclose(g, e, atol=1e-10)
+    assert 0 < keep.double().mean().item() < 1
+    ffn.eval()  # no dropout, nothing in place
+    assert torch.allclose(ffn(x), torch.relu(ffn.linear1(x)) @ ffn.linear2.weight.t()
+                          + ffn.linear2.bias, atol=1e-12)

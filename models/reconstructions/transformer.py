@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.chunked_attention import attention_dropout
-from models.fast_dropout import FastDropout
+from models.fast_dropout import FastDropout, relu_dropout_
 
 
 def neighbor_mask_loops(feature_size, neighbor_size):
@@ -132,6 +132,8 @@ class FeedForward(nn.Module):
         self.activation = _activation(activation)
 
     def forward(self, x):
+        if self.activation is F.relu and self.dropout.fast:
+            return self.linear2(relu_dropout_(self.linear1(x), self.dropout.p, self.training))
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
 
