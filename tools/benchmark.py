@@ -10,9 +10,9 @@ prefix cached, batch-first attention with the mask built once, run a few heads a
 and SplitMix64 dropout masks) and a bf16 autocast variant of the fast path; it checks the
 anomaly maps agree. ``--channels_last`` and ``--compile`` add those variants of the fast path.
 Variants are timed in interleaved rounds (each round measures the matmul reference, then runs
-every variant in turn, one untimed step first) and the medians are reported, so a load change
-on a shared machine does not favour one of them. Heads with a stage one (DMAD's memory banks)
-are filled from random images first.
+every variant in turn, one untimed step or pass first) and the medians are reported, so a load
+change on a shared machine does not favour one of them. Heads with a stage one (DMAD's memory
+banks) are filled from random images first.
 """
 import argparse
 import json
@@ -217,6 +217,7 @@ class Variant:
 
     def time_eval(self, steps):
         self.model.eval()
+        self.predict()  # untimed, as for training
         self.eval_times.append(self._seconds_per_call(self.predict, steps))
 
     def flops(self):
