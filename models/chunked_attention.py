@@ -34,18 +34,17 @@ class _ChunkedAttention(torch.autograd.Function):
         scores = q.new_empty(min(chunk, bh), lq, lk)
         words = torch.empty(2, (min(chunk, bh) * lq * lk + 3) // 4, dtype=torch.int64,
                             device=q.device)  # random words and their scratch
-        k_t = k.transpose(1, 2)
-        for start in range(0, bh, chunk):
-            stop = min(start + chunk, bh)
-            s = scores[:stop - start]
+        for q_c, k_c, v_c, w_c, keep_c, out_c in zip(
+                *(t.split(chunk) for t in (q, k, v_scaled, weights, keep, out))):
+            s = scores[:len(q_c)]
             if additive is None:
-                torch.baddbmm(s, q[start:stop], k_t[start:stop], beta=0, alpha=alpha, out=s)
+                torch.baddbmm(s, q_c, k_c.transpose(1, 2), beta=0, alpha=alpha, out=s)
             else:
-                torch.baddbmm(additive, q[start:stop], k_t[start:stop], alpha=alpha, out=s)
-            w = torch.ops.aten._softmax.out(s, -1, False, out=weights[start:stop])
+                torch.baddbmm(additive, q_c, k_c.transpose(1, 2), alpha=alpha, out=s)
+            torch._softmax(s, -1, False, out=w_c)
             draws = uniform16(s.numel(), q.device, *words).view(s.shape)
-            kept = torch.ge(draws, keep_at, out=keep[start:stop])
-            torch.bmm(torch.mul(w, kept, out=s), v_scaled[start:stop], out=out[start:stop])
+            torch.ge(draws, keep_at, out=keep_c)
+            torch.bmm(torch.mul(w_c, keep_c, out=s), v_c, out=out_c)
         ctx.save_for_backward(q, k, v_scaled, weights, keep)
         ctx.alpha, ctx.scale, ctx.chunk = alpha, scale, chunk
         return out
@@ -53,28 +52,25 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v_scaled, weights, keep = ctx.saved_tensors
-        bh, lq, d = q.shape
+        bh, lq, _ = q.shape
         lk, chunk = k.shape[1], ctx.chunk
         grad = grad.contiguous()
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v_scaled)
         buf_a = q.new_empty(min(chunk, bh), lq, lk)
         buf_b = q.new_empty(min(chunk, bh), lq, lk)
-        for start in range(0, bh, chunk):
-            stop = min(start + chunk, bh)
-            w, kept, g = weights[start:stop], keep[start:stop], grad[start:stop]
+        for q_c, k_c, v_c, w, kept, g, dq_c, dk_c, dv_c in zip(
+                *(t.split(chunk) for t in (q, k, v_scaled, weights, keep, grad, dq, dk, dv))):
+            a, b = buf_a[:len(q_c)], buf_b[:len(q_c)]
             if need_v:
-                dropped = torch.mul(w, kept, out=buf_a[:stop - start])
-                torch.bmm(dropped.transpose(1, 2), g, out=dv[start:stop])
+                torch.bmm(torch.mul(w, kept, out=a).transpose(1, 2), g, out=dv_c)
             if need_q or need_k:
-                d_dropped = torch.bmm(g, v_scaled[start:stop].transpose(1, 2),
-                                      out=buf_a[:stop - start]).mul_(kept)
-                d_scores = torch.ops.aten._softmax_backward_data.out(
-                    d_dropped, w, -1, w.dtype, grad_input=buf_b[:stop - start])
+                d_dropped = torch.bmm(g, v_c.transpose(1, 2), out=a).mul_(kept)
+                d_scores = torch._softmax_backward_data(d_dropped, w, -1, w.dtype, grad_input=b)
                 if need_q:
-                    torch.bmm(d_scores, k[start:stop], out=dq[start:stop])
+                    torch.bmm(d_scores, k_c, out=dq_c)
                 if need_k:
-                    torch.bmm(d_scores.transpose(1, 2), q[start:stop], out=dk[start:stop])
+                    torch.bmm(d_scores.transpose(1, 2), q_c, out=dk_c)
         return (dq.mul_(ctx.alpha) if need_q else None, dk.mul_(ctx.alpha) if need_k else None,
                 dv.mul_(ctx.scale) if need_v else None, None, None, None)
 
