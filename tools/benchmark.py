@@ -240,7 +240,7 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="also a fast fp32 variant under torch.compile (compile time excluded)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=int, default=5,
                    help="rounds; each times every variant in turn, the median is reported")
     p.add_argument("--bank_images", type=int, default=32,
                    help="random images that fill memory banks (heads with a stage one)")
