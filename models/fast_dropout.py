@@ -89,13 +89,13 @@ def keep_mask(shape, p, device):
     return uniform16(n, device).view(shape) >= threshold(p), keep_scale(p)
 
 
-def float_mask(shape, p, dtype, device, scaled=True):
-    """:func:`keep_mask` as 0 / ``scale`` (or 0 / 1 when not ``scaled``) in ``dtype``; the
-    comparison writes ``dtype`` directly (a bool mask and a cast cost five times more)."""
+def float_mask(shape, p, dtype, device):
+    """:func:`keep_mask` as 0 / ``scale`` in ``dtype``, and the scale; the comparison writes
+    ``dtype`` directly (a bool mask and a cast cost five times more)."""
     mask = torch.empty(shape, dtype=dtype, device=device)
     torch.ge(uniform16(mask.numel(), device).view(shape), threshold(p), out=mask)
     scale = keep_scale(p)
-    return mask.mul_(scale) if scaled else mask, scale
+    return mask.mul_(scale), scale
 
 
 class _Masked(torch.autograd.Function):
