@@ -181,7 +181,7 @@ def test_disk_feature_cache_is_reused_and_keyed_by_the_data(tmp_path):
 
 def test_channels_last_and_compile_train_like_the_default(tmp_path):
     """``trainer.channels_last`` and ``trainer.compile`` change speed, not results (dropout on:
-    the CPU fast-dropout attention and masks run inside the compiled step)."""
+    the CPU fast-dropout attention and mask draws run eagerly inside the compiled step)."""
     from utils.config import load_config
     from utils.trainer import Trainer
 
