@@ -265,9 +265,10 @@ def test_per_class_sweep_gives_one_table_with_the_mean(tmp_path):
     assert train_per_class.main(argv + ["--resume"]) == 0
     assert (work / "disc" / "checkpoints" / "last.pth").stat().st_mtime_ns == mtime
     assert json.loads((work / "results.json").read_text())["per_class"] == res["per_class"]
-    # --evaluate re-scores every class's best checkpoint: the same table
+    # --evaluate re-scores every class's final checkpoint into its own folder: same table
     assert train_per_class.main(argv + ["--evaluate", "--classes", "weave"]) == 0
-    again = json.loads((work / "results.json").read_text())
+    again = json.loads((sorted((work / "evaluations").iterdir())[-1] /
+                        "results.json").read_text())
     assert list(again["per_class"]) == ["weave"]
     for key, value in res["per_class"]["weave"].items():
         if value is not None:

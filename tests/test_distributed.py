@@ -36,7 +36,7 @@ def _worker(rank, world, port, argv_list, codes_dir):
 
 def test_two_process_training_and_evaluation_match_single_process(tmp_path):
     cfg = make_config(tmp_path, epochs=2, val_freq=1)
-    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    ddp = tmp_path / "ddp"
     common = ["--config", str(cfg), "--no_progress", "--device", "cpu"]
     runs = [common + ["--work_dir", str(ddp)],
             common + ["--work_dir", str(ddp), "--evaluate"]]
@@ -44,19 +44,26 @@ def test_two_process_training_and_evaluation_match_single_process(tmp_path):
     codes.mkdir()
     mp.spawn(_worker, args=(2, _free_port(), runs, str(codes)), nprocs=2, join=True)
     assert sorted(p.read_text() for p in codes.iterdir()) == ["0"] * 4
-    ddp_results = json.loads((ddp / "results.json").read_text())
+    # the two-process evaluation went to its own folder; a single process evaluates the
+    # same checkpoint into another one
+    ddp_eval = sorted((ddp / "evaluations").iterdir())
+    assert len(ddp_eval) == 1
+    ddp_results = json.loads((ddp_eval[0] / "results.json").read_text())
 
     from tools import train_val
 
-    assert train_val.main(common + ["--work_dir", str(single), "--evaluate", "--checkpoint",
-                                    str(ddp / "checkpoints" / "best.pth")]) == 0
+    assert train_val.main(["--work_dir", str(ddp), "--evaluate", "--checkpoint",
+                           str(ddp / "checkpoints" / "last.pth"), "--no_progress",
+                           "--device", "cpu"]) == 0
+    single = sorted((ddp / "evaluations").iterdir())[-1]
+    assert single != ddp_eval[0]
     single_results = json.loads((single / "results.json").read_text())
     for cls, values in single_results["per_class"].items():
         for key, value in values.items():
             if value is not None:
                 assert ddp_results["per_class"][cls][key] == pytest.approx(value, abs=1e-6)
 
-    with open(ddp / "scores.csv") as f:
+    with open(ddp_eval[0] / "scores.csv") as f:
         rows = list(csv.DictReader(f))
     with open(single / "scores.csv") as f:
         expected = list(csv.DictReader(f))

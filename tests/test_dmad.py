@@ -446,10 +446,12 @@ def test_dmad_end_to_end_semi_supervised_and_evaluate(tmp_path):
     assert results["mean"]["image_auroc"] >= 0.9, results["mean"]
     assert results["mean"]["pixel_auroc"] >= 0.95, results["mean"]
     assert train_val.main(args + ["--evaluate"]) == 0
-    test_files = {r["file"] for r in _csv(run)}
+    out = sorted((run / "evaluations").iterdir())[-1]
+    test_files = {r["file"] for r in _csv(out)}
     assert len(test_files) == 2 * (4 + 4 * 2) - 4
     assert not test_files & set(seen["files"])  # seen anomalies are not tested
-    again = json.loads((run / "results.json").read_text())
+    again = json.loads((out / "results.json").read_text())
+    assert again["protocol"]["seen_anomalies"]["files"] == seen["files"]
     assert again["mean"]["image_auroc"] == pytest.approx(results["mean"]["image_auroc"])
     assert again["mean"]["pixel_ap"] == pytest.approx(results["mean"]["pixel_ap"], abs=1e-6)
 

@@ -56,7 +56,9 @@ def test_train_writes_the_contracted_layout_and_evaluate_reproduces(tmp_path):
 
     best = results
     run(["--config", str(cfg), "--work_dir", str(work), "--evaluate"])
-    again = json.loads((work / "results.json").read_text())
+    assert json.loads((work / "results.json").read_text()) == best  # never rewritten
+    again = json.loads((sorted((work / "evaluations").iterdir())[-1] /
+                        "results.json").read_text())
     for cls in best["per_class"]:
         for key, value in best["per_class"][cls].items():
             if value is not None:
@@ -99,12 +101,12 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch)
     monkeypatch.setattr(Trainer, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(["--config", str(cfg), "--work_dir", str(part)])
-    assert torch.load(part / "checkpoints" / "last.pth", weights_only=False)["epoch"] == 2
+    assert torch.load(part / "checkpoints" / "last.pth", weights_only=True)["epoch"] == 2
     monkeypatch.setattr(Trainer, "train_one_epoch", original)
     run(["--config", str(cfg), "--work_dir", str(part), "--resume"])
 
-    a = torch.load(full / "checkpoints" / "last.pth", weights_only=False)
-    b = torch.load(part / "checkpoints" / "last.pth", weights_only=False)
+    a = torch.load(full / "checkpoints" / "last.pth", weights_only=True)
+    b = torch.load(part / "checkpoints" / "last.pth", weights_only=True)
     assert a["epoch"] == b["epoch"] == 4
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key

@@ -62,7 +62,8 @@ def test_find_images_recurses_by_extension(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny unified model (2 classes), evaluated once: (work dir, data root, best.pth)."""
+    """A tiny unified model (2 classes), evaluated once: (evaluation folder, data root,
+    last.pth)."""
     tmp = tmp_path_factory.mktemp("predict")
     cfg = {
         "_base_": str(ROOT / "configs" / "runtime.yaml"),
@@ -84,8 +85,10 @@ def trained(tmp_path_factory):
     common = ["--config", str(cfg_path), "--work_dir", str(work), "--no_progress",
               "--device", "cpu"]
     assert train_val.main(common) == 0
-    assert train_val.main(common + ["--evaluate"]) == 0
-    return work, tmp / "data", work / "checkpoints" / "best.pth"
+    assert train_val.main(["--work_dir", str(work), "--evaluate", "--no_progress",
+                           "--device", "cpu"]) == 0
+    evaluation = sorted((work / "evaluations").iterdir())[-1]  # scores.csv, thresholds.json
+    return evaluation, tmp / "data", work / "checkpoints" / "last.pth"
 
 
 def unlabelled_copy(data, dest):
@@ -113,7 +116,7 @@ def test_predict_on_a_folder_reproduces_evaluate(trained, tmp_path):
     rows = read_csv(out / "predictions.csv")
     assert len(rows) == len(files) == 14
     evaluated = {r["file"]: r for r in read_csv(work / "scores.csv")}
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     for row in rows:
         ref = evaluated[row["file"]]
         assert float(row["score"]) == pytest.approx(float(ref["score"]), abs=1e-5)
@@ -163,7 +166,7 @@ def test_explicit_threshold_and_unknown_class(trained, tmp_path):
     assert run_predict("--checkpoint", ckpt, "--input", image, "--output", out) == 0
     (row,) = read_csv(out / "predictions.csv")
     assert row["class"] == "" and row["threshold_from"] == "global"
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     assert float(row["image_threshold"]) == state["thresholds"]["global"]["image_threshold"]
     assert run_predict("--checkpoint", ckpt, "--input", image, "--output", out,
                        "--threshold=-1e9") == 0
@@ -178,7 +181,7 @@ def test_explicit_threshold_and_unknown_class(trained, tmp_path):
 def test_rebuilds_without_weight_download_and_needs_thresholds(trained, tmp_path):
     _, data, ckpt = trained
     image = sorted(data.glob("disc/test/good/*.png"))[0]
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     # resnet18 has no offline weights: building it with pretrained: true would fail here
     state["config"]["net"][0]["kwargs"]["pretrained"] = True
     state["thresholds"] = None

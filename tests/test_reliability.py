@@ -13,7 +13,7 @@ from utils.workdir_lock import WorkDirBusyError, WorkDirLock
 
 
 def weights(path):
-    return torch.load(path, weights_only=False)["model"]
+    return torch.load(path, weights_only=True)["model"]
 
 
 @pytest.mark.slow
@@ -38,7 +38,7 @@ def test_signal_mid_epoch_checkpoints_and_resume_is_exact(tmp_path, monkeypatch,
     code = train_val.main(["--config", str(cfg), "--work_dir", str(part), "--no_progress",
                            "--device", "cpu"])
     assert code == 128 + sig
-    state = torch.load(part / "checkpoints" / "last.pth", weights_only=False)
+    state = torch.load(part / "checkpoints" / "last.pth", weights_only=True)
     assert (state["epoch"], state["step"]) == (1, 2)
     assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
     monkeypatch.setattr(Trainer, "to_device", original)
@@ -66,7 +66,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good(tmp_path, monkey
     code = train_val.main(["--config", str(cfg), "--work_dir", str(work), "--no_progress"])
     err = capsys.readouterr().err
     assert code == 2 and "epoch 2, step 2" in err and "nan" in err
-    assert torch.load(work / "checkpoints" / "last.pth", weights_only=False)["epoch"] == 1
+    assert torch.load(work / "checkpoints" / "last.pth", weights_only=True)["epoch"] == 1
 
     calls["n"] = 0
     code = train_val.main(["--config", str(cfg), "--work_dir", str(tmp_path / "skip"),

@@ -223,8 +223,8 @@ def test_training_stores_thresholds_and_evaluate_draws_panels(tmp_path):
     common = ["--config", str(cfg_path), "--work_dir", str(work), "--no_progress",
               "--device", "cpu"]
     assert train_val.main(common) == 0
-    best = torch.load(work / "checkpoints" / "best.pth", weights_only=False)
-    last = torch.load(work / "checkpoints" / "last.pth", weights_only=False)
+    best = torch.load(work / "checkpoints" / "best.pth", weights_only=True)
+    last = torch.load(work / "checkpoints" / "last.pth", weights_only=True)
     assert best["thresholds"]["epoch"] == best["epoch"]
     assert last["thresholds"]["epoch"] == last["epoch"] == 2
     events = b"".join(p.read_bytes() for p in (work / "events").iterdir())
@@ -248,17 +248,20 @@ def test_training_stores_thresholds_and_evaluate_draws_panels(tmp_path):
         assert entry["map_min"] == float(inf["maps"][sel].min())
 
     before = (work / "checkpoints" / "best.pth").read_bytes()
-    assert train_val.main(common + ["--evaluate", "--vis"]) == 0
+    assert train_val.main(common + ["--evaluate", "--vis", "--checkpoint",
+                                    str(work / "checkpoints" / "best.pth")]) == 0
     assert (work / "checkpoints" / "best.pth").read_bytes() == before  # left unchanged
-    saved = json.loads((work / "thresholds.json").read_text())
+    out = sorted((work / "evaluations").iterdir())[-1]
+    assert out.name.startswith("best-")
+    saved = json.loads((out / "thresholds.json").read_text())
     assert saved["per_class"]["disc"]["pixel_threshold"] == \
         best["thresholds"]["per_class"]["disc"]["pixel_threshold"]
-    panels = sorted((work / "vis").rglob("*.png"))
+    panels = sorted((out / "vis").rglob("*.png"))
     assert len(panels) == len(inf["filename"])
     for fname, cls in zip(inf["filename"], inf["clsname"]):
         parts = fname.split("/")
-        path = work / "vis" / cls / parts[-2] / parts[-1]
+        path = out / "vis" / cls / parts[-2] / parts[-1]
         img = cv2.imread(str(path))
         assert img is not None, path
         assert img.shape == (V.HEADER + 64, 4 * 64 + 3 * V.GAP, 3)
-    assert (work / "vis" / "disc" / "good").is_dir()
+    assert (out / "vis" / "disc" / "good").is_dir()

@@ -1,12 +1,18 @@
-"""Command-line pieces shared by train_val.py, train_unified.py and train_per_class.py.
+"""Command-line pieces shared by every tool: arguments, the run folder, the exit path.
 
 One place for the common arguments, the ``--data_root`` handling (which sets
-``dataset.data_root`` / ``dataset.type`` so the builder prepares manifests on the fly), the
-default run folder and the user-error exit path, so the three tools cannot drift apart.
+``dataset.data_root`` / ``dataset.type`` so the builder prepares manifests on the fly), and
+opening a run: a new run from ``--config``, or an existing run folder (``--resume``,
+``--evaluate``) whose own ``config.yaml`` and ``run.json`` are the record. A requested change to
+an existing run is refused with the changed keys unless ``--override`` accepts it; it is then
+recorded in the run's history.
 """
+import copy
 import os
+import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -16,8 +22,10 @@ if str(REPO_ROOT) not in sys.path:
 DATA_TYPES = ("mvtec", "visa", "cifar10", "ader", "folder")
 
 
-def add_config_arg(p):
-    p.add_argument("--config", required=True, help="YAML config")
+def add_config_arg(p, required=False):
+    p.add_argument("--config", required=required,
+                   help="YAML config (for --resume/--evaluate only needed to pick the newest "
+                        "run beside it, or to change the run with --override)")
 
 
 def add_data_args(p):
@@ -30,19 +38,52 @@ def add_data_args(p):
                         "is one of these, else mvtec); ader: DIR is a meta.json or its folder")
 
 
-def add_run_args(p):
-    p.add_argument("--work_dir", default=None,
-                   help="run folder (default: runs/<timestamp> beside the config; with "
-                        "--resume/--evaluate: the newest run there)")
+def add_device_args(p):
+    """``--device`` and ``--threads``, the same in every tool."""
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"],
                    help="default: CUDA when available")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice). On a CPU shared "
                         "with other jobs, 1 avoids threads waiting on each other and can be "
                         "several times faster")
+
+
+def apply_device_args(args):
+    """Set ``--threads`` before any model is built; the resolved ``torch.device``."""
+    import torch
+
+    from utils.misc import resolve_device
+
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    else:
+        warn_if_busy()
+    return resolve_device(getattr(args, "device", None))
+
+
+def add_trust_arg(p):
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="open a checkpoint that holds more than tensors and plain data (an "
+                        "old or foreign file). Opening such a file can run code from it: only "
+                        "for files from a source you trust")
+
+
+def add_run_args(p):
+    p.add_argument("--work_dir", default=None,
+                   help="run folder (default: runs/<timestamp> beside the config; with "
+                        "--resume/--evaluate: the newest run there holding a checkpoint)")
+    add_device_args(p)
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. trainer.max_epoch=5 net.0.kwargs.pretrained=false")
+    p.add_argument("--override", action="store_true",
+                   help="with --resume/--evaluate: accept --config/--opts/data flags that "
+                        "change the run's config (recorded in run.json's history and in the "
+                        "protocol); without it such a change is refused")
+    add_trust_arg(p)
 
 
 def apply_data_args(cfg, data_root=None, data_type=None, classes=None, log=None):
@@ -78,19 +119,8 @@ def warn_if_busy():
 
 
 def load_cfg(args, classes=None):
-    """Config with ``--opts`` and the data arguments applied, validated again afterwards;
-    ``--threads`` takes effect here too, before any model is built."""
+    """Config with ``--opts`` and the data arguments applied, validated again afterwards."""
     from utils.config import load_config, validate_config
-
-    threads = getattr(args, "threads", None)
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
-    else:
-        warn_if_busy()
 
     cfg = load_config(args.config, args.opts)
     apply_data_args(cfg, getattr(args, "data_root", None), getattr(args, "data_type", None),
@@ -99,23 +129,187 @@ def load_cfg(args, classes=None):
     return cfg
 
 
-def default_work_dir(config_path, pick_latest):
-    runs = Path(config_path).resolve().parent / "runs"
+def runs_dir_of(config_path):
+    return Path(config_path).resolve().parent / "runs"
+
+
+def default_work_dir(config_path, pick_latest, prefix=""):
+    """A new timestamped folder beside the config, or (``pick_latest``) the newest run there
+    that holds a checkpoint."""
+    from utils.run_record import RunRecordError, newest_run
+
+    runs = runs_dir_of(config_path)
     if pick_latest:
-        existing = sorted(p for p in runs.glob("*") if p.is_dir()) if runs.is_dir() else []
-        if not existing:
-            raise SystemExit(f"error: no run folder under {runs}; pass --work_dir")
-        return existing[-1]
-    return runs / time.strftime("%Y%m%d-%H%M%S")
+        found = newest_run(runs)
+        if found is None:
+            raise RunRecordError(f"no run folder holding a checkpoint under {runs}; pass "
+                                 f"--work_dir")
+        return found
+    return unique_dir(runs / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def resolve_work_dir(args, pick_latest):
     return Path(args.work_dir) if args.work_dir else default_work_dir(args.config, pick_latest)
 
 
+def code_version():
+    """The DualMem commit (with '+dirty' for local changes) or 'unknown' outside git."""
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=5).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass
+class RunPlan:
+    """What a tool is about to do with a run folder: the config to use, the record, and the
+    accepted changes (empty unless ``--override``)."""
+    cfg: object
+    work_dir: Path
+    record: dict
+    existing: bool
+    changes: list = field(default_factory=list)
+
+
+def new_record(tool, args, class_name=None, setting=None):
+    """The invocation part of ``run.json``; the Trainer adds classes, seen anomalies, device."""
+    return {
+        "tool": tool,
+        "argv": list(sys.argv),
+        "config_file": str(Path(args.config).resolve()) if getattr(args, "config", None) else None,
+        "opts": list(getattr(args, "opts", None) or []),
+        "class_name": class_name,
+        "data_root": getattr(args, "data_root", None),
+        "data_type": getattr(args, "data_type", None),
+        "setting": setting or ("single-class" if class_name else "unified"),
+        "device": getattr(args, "device", None),
+        "threads": getattr(args, "threads", None),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "dualmem_version": code_version(),
+        "history": [],
+    }
+
+
+def plan_new_run(args, tool, classes=None, class_name=None, setting=None, work_dir=None):
+    """A run that starts now: ``--config`` is required; the folder (not created yet) must not
+    already hold a run."""
+    from utils.run_record import RunRecordError, has_checkpoint
+
+    if not getattr(args, "config", None):
+        raise RunRecordError("--config is required to start a run (--resume/--evaluate "
+                             "continue or score an existing one from --work_dir)")
+    cfg = load_cfg(args, classes)
+    work_dir = Path(work_dir or args.work_dir or default_work_dir(args.config, False))
+    if has_checkpoint(work_dir):
+        raise RunRecordError(f"{work_dir} already holds a run (checkpoints/); continue it with "
+                             f"--work_dir {work_dir} --resume, or pass another --work_dir")
+    return RunPlan(cfg, work_dir, new_record(tool, args, class_name, setting), existing=False)
+
+
+def load_run_config(work_dir):
+    """The resolved config a run folder holds, as it was saved."""
+    import yaml
+
+    from utils.config import load_config
+    from utils.run_record import RunRecordError
+
+    path = Path(work_dir) / "config.yaml"
+    if not path.is_file():
+        raise RunRecordError(f"{work_dir} has no config.yaml: not a run folder (a run folder "
+                             f"holds config.yaml, run.json and checkpoints/)")
+    cfg = load_config(path)
+    original = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("config_path")
+    if original:
+        cfg["config_path"] = original
+    return cfg
+
+
+def locate_existing_run(args, action):
+    """``--work_dir`` (which must exist: nothing is created for a mistyped path), else the
+    newest run beside ``--config``."""
+    from utils.run_record import RunRecordError
+
+    if args.work_dir:
+        work_dir = Path(args.work_dir)
+        if not work_dir.is_dir():
+            raise RunRecordError(f"--work_dir {work_dir} does not exist; {action} needs an "
+                                 f"existing run folder (nothing was created)")
+        return work_dir
+    if getattr(args, "config", None):
+        return default_work_dir(args.config, pick_latest=True)
+    raise RunRecordError(f"{action} needs --work_dir RUN (or --config, to use the newest run "
+                         f"beside it)")
+
+
+def plan_existing_run(args, tool, action, classes=None, class_name=None, work_dir=None):
+    """The run's own config and record, with the changes the flags ask for: refused (listing
+    each key with its old and new value) unless ``--override``."""
+    from utils.config import apply_overrides, validate_config
+    from utils.run_record import (RunRecordError, config_diff, format_changes, read_record)
+
+    work_dir = Path(work_dir) if work_dir else locate_existing_run(args, action)
+    if not work_dir.is_dir():
+        raise RunRecordError(f"--work_dir {work_dir} does not exist; {action} needs an "
+                             f"existing run folder (nothing was created)")
+    stored = load_run_config(work_dir)
+    record = read_record(work_dir)
+    if record is None:
+        raise RunRecordError(f"{work_dir} has no run.json (made by an older DualMem, or not a "
+                             f"run folder): {action} cannot tell how it was invoked")
+    if getattr(args, "config", None):
+        requested = load_cfg(args, classes)
+    else:
+        requested = copy.deepcopy(stored)
+        apply_overrides(requested, getattr(args, "opts", None))
+        apply_data_args(requested, getattr(args, "data_root", None),
+                        getattr(args, "data_type", None), classes)
+        validate_config(requested, f"{work_dir / 'config.yaml'} with --opts")
+    changes = config_diff(stored, requested)
+    if class_name is not None and class_name != record.get("class_name"):
+        changes.append(("--class_name", record.get("class_name"), class_name))
+    if changes and not getattr(args, "override", False):
+        seen = [k for k, _, _ in changes if k.startswith("dataset.seen_anomalies")]
+        files = (record.get("seen_anomalies") or {}).get("files") or []
+        hint = (f"\nThe run trained on these test images (its seen anomalies): "
+                f"{', '.join(files[:5])}" if seen and files else "")
+        raise RunRecordError(
+            f"{action} of {work_dir} with flags that change the run's config; refused, so "
+            f"that the run's numbers keep meaning what its record says. Changed:\n"
+            f"{format_changes(changes)}\n"
+            f"Drop those flags to use the run as recorded, or add --override to accept the "
+            f"change (recorded in {work_dir / 'run.json'}){hint}")
+    record = dict(record)
+    if class_name is not None:
+        record["class_name"] = class_name
+    return RunPlan(requested if changes else stored, work_dir, record, existing=True,
+                   changes=changes)
+
+
+def evaluation_dir(run_dir, checkpoint):
+    """Re-evaluations never touch the training run's results: each gets its own folder."""
+    return unique_dir(Path(run_dir) / "evaluations" /
+                      f"{Path(checkpoint).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def unique_dir(path):
+    """``path``, or ``path-2``, ``path-3``... when a folder of that name exists already."""
+    path, n = Path(path), 2
+    candidate = path
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.name}-{n}"), n + 1
+    return candidate
+
+
 def run_main(run, args):
-    """Exit status: 0 done, 2 a problem with the config/data/checkpoint (one clear line, no
-    traceback; DUALMEM_DEBUG=1 shows it), 128+N interrupted by signal N (resumable)."""
+    """Exit status: 0 done, 2 a problem with the config/data/checkpoint/run folder (one clear
+    line, no traceback; DUALMEM_DEBUG=1 shows it), 128+N interrupted by signal N (resumable)."""
     from utils.errors import USER_ERRORS
     from utils.trainer import TrainingInterrupted
 

@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
+from tools._common import add_device_args  # noqa: E402
+
 
 class PeakRSS:
     """Peak resident memory of this process during a block (sampled from /proc)."""
@@ -245,19 +247,16 @@ def main(argv=None):
     p.add_argument("--bank_images", type=int, default=32,
                    help="random images that fill memory banks (heads with a stage one)")
     p.add_argument("--batch_size", type=int, default=None, help="default: the config's")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_device_args(p)
     p.add_argument("--out", default="benchmark.json")
     p.add_argument("--opts", nargs="*", default=[])
     args = p.parse_args(argv)
 
     from utils.config import load_config
-    from utils.misc import resolve_device
+    from tools._common import apply_device_args
 
+    device = apply_device_args(args)
     cfg = load_config(args.config, ["net.0.kwargs.pretrained=false"] + args.opts)
-    device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     b = args.batch_size or cfg.dataset.get("batch_size", 8)
     h, w = cfg.dataset.input_size

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools._common import add_data_args, load_cfg  # noqa: E402
+from tools._common import add_data_args, add_device_args, apply_device_args, load_cfg  # noqa: E402,E501
 
 
 def rss_mb():
@@ -59,11 +59,10 @@ def main(argv=None):
     p.add_argument("--config", default="experiments/demo/dmad.yaml")
     p.add_argument("--class_name", default=None)
     add_data_args(p)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_device_args(p)
     p.add_argument("--limit", type=int, default=None, help="use N evenly spaced training images")
     p.add_argument("--infer_batches", type=int, default=2,
                    help="test batches timed for inference (0: skip)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--opts", nargs="*", default=[])
     p.add_argument("--out", default="benchmark_dmad.json")
     args = p.parse_args(argv)
@@ -75,10 +74,8 @@ def main(argv=None):
     from models import ModelHelper
     from models.heads.dmad import DMAD, feature_extractor
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = apply_device_args(args)
     cfg = load_cfg(args, [args.class_name] if args.class_name else None)
-    device = torch.device(args.device)
     model = ModelHelper(cfg.net, input_size=cfg.dataset.input_size,
                         frozen_layers=cfg.get("frozen_layers")).to(device).eval()
     heads = [n for n in model.module_names if isinstance(getattr(model, n), DMAD)]

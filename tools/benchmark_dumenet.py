@@ -32,6 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from tools._common import add_device_args, apply_device_args  # noqa: E402
+from utils.misc import resolve_device  # noqa: E402
+
 VARIANTS = {
     "uniad": ("UniAD", {}),
     "dumenet_global": ("UniADMemory", {"memory_mode": "both", "fusion_mode": "concat",
@@ -145,20 +148,21 @@ def measure_memory(args, variant, mode):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
+    add_device_args(p)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     p.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed train+eval steps per variant")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default="uniad,dumenet_global,dumenet_local")
     p.add_argument("--no-memory", action="store_true", help="skip the subprocess memory runs")
     p.add_argument("--out", default="benchmark_dumenet.json")
     p.add_argument("--_child", nargs=2, metavar=("VARIANT", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    apply_device_args(args)
+    args.threads = torch.get_num_threads()  # the memory children run with the same count
+    args.device = str(resolve_device(args.device))
     if args._child:
         args.variant, args.mode = args._child
         return memory_child(args)

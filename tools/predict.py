@@ -1,6 +1,6 @@
 """Anomaly scores, heat maps and masks for unlabelled images, from a checkpoint alone.
 
-    python tools/predict.py --checkpoint RUN/checkpoints/best.pth --input FILE_OR_DIR \
+    python tools/predict.py --checkpoint RUN/checkpoints/last.pth --input FILE_OR_DIR \
         --output OUT [--class_name C] [--threshold X] [--pixel_threshold Y] [--device cpu]
 
 The model is rebuilt from the config stored in the checkpoint (backbone ``pretrained`` forced
@@ -33,6 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tools._common import add_device_args, add_trust_arg, apply_device_args  # noqa: E402
+
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 COLUMNS = ["file", "class", "score", "normalized_score", "is_anomalous", "threshold_from",
            "image_threshold", "pixel_threshold", "overlay", "mask", "error"]
@@ -40,7 +42,9 @@ COLUMNS = ["file", "class", "score", "normalized_score", "is_anomalous", "thresh
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a DualMem checkpoint (best.pth)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a DualMem checkpoint (RUN/checkpoints/last.pth); opened without "
+                        "running code from it")
     p.add_argument("--input", required=True, help="an image file or a folder (recursive)")
     p.add_argument("--output", required=True, help="folder for predictions.csv, overlays, masks")
     p.add_argument("--threshold", type=float, default=None,
@@ -50,8 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--class_name", default=None, help="class whose thresholds to use")
     p.add_argument("--normalize", default=None, choices=["global", "per_image"],
                    help="heat-map colouring (default: evaluator.vis.normalize, else global)")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"],
-                   help="default: CUDA when available")
+    add_device_args(p)
+    add_trust_arg(p)
     p.add_argument("--batch_size", type=int, default=None,
                    help="default: the config's test batch size")
     p.add_argument("--no_images", action="store_true", help="write predictions.csv only")
@@ -93,14 +97,14 @@ def offline_net(net_cfg):
     return out
 
 
-def load_model(checkpoint, device):
+def load_model(checkpoint, device, trusted=False):
     """(model in eval mode, config, checkpoint state) from a checkpoint file."""
     from easydict import EasyDict
 
     from models import ModelHelper
     from utils.checkpoint import CheckpointError, load_checkpoint
 
-    state = load_checkpoint(checkpoint, map_location="cpu")
+    state = load_checkpoint(checkpoint, map_location="cpu", trusted=trusted)
     if not isinstance(state.get("config"), dict) or "net" not in state["config"]:
         raise CheckpointError(f"checkpoint {checkpoint} carries no config (state['config']); "
                               f"it was not written by DualMem's Trainer")
@@ -167,12 +171,11 @@ def predict(args):
     from datasets.image_io import ImageReadError, read_image, resize_image, to_tensor_normalized
     from utils.evaluator import evaluator_settings, normalized_score
     from utils.metrics import image_score_from_map
-    from utils.misc import resolve_device
     from utils.trainer import amp_dtype_for
     from utils.visualize import normalize_map, overlay, vis_settings, write_png
 
-    device = resolve_device(args.device)
-    model, cfg, state = load_model(args.checkpoint, device)
+    device = apply_device_args(args)
+    model, cfg, state = load_model(args.checkpoint, device, trusted=args.trust_checkpoint)
     classes = list(state.get("classes") or [])
     thresholds = state.get("thresholds")
     if args.class_name and thresholds and args.class_name not in thresholds["per_class"]:
@@ -279,7 +282,7 @@ def main(argv=None):
 
     try:
         return predict(args)
-    except (CheckpointError, FileNotFoundError) as exc:
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

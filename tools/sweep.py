@@ -7,7 +7,7 @@
 
 Values are YAML-typed (``lr=1e-4,3e-4``; brackets protect commas: ``k=[1,2],[3,4]``). Each cell
 trains with ``--opts`` plus its own overrides in ``<work_dir>/<cell>/`` (the usual run layout),
-and ``<work_dir>/sweep.md`` / ``sweep.json`` compare the cells' best-epoch mean metrics under the
+and ``<work_dir>/sweep.md`` / ``sweep.json`` compare the cells' final-epoch mean metrics under the
 shared protocol line. A failing cell is recorded with its error and the sweep goes on; the exit
 status is then 1. The table is rewritten after every cell, so a long sweep can be watched.
 """
@@ -96,13 +96,13 @@ def write_report(work_dir, args, grid, cells):
     shared = {k: v for k, v in (protocols[0].items() if protocols else []) if k not in varying}
     metrics = list(dict.fromkeys(m for c in done for m in c["mean"]))
     labels = cell_names(grid)
-    headers = [*labels, "status", *varying, *metrics, "best epoch"]
+    headers = [*labels, "status", *varying, *metrics, "epoch"]
     rows = []
     for c in cells:
         row = [c["values"][k] for k, _ in grid] + [c["status"]]
         if c["status"] == "ok":
             row += [c["protocol"].get(k) for k in varying]
-            row += [_fmt(c["mean"].get(m)) for m in metrics] + [c.get("best_epoch")]
+            row += [_fmt(c["mean"].get(m)) for m in metrics] + [c.get("epoch")]
         else:
             row += [""] * len(varying) + [""] * len(metrics) + [""]
         rows.append(row)
@@ -111,8 +111,7 @@ def write_report(work_dir, args, grid, cells):
     lines = [f"# Sweep of {args.config}", "",
              protocol_line(shared) if protocols else "protocol: no cell finished", "",
              f"grid: {axes}" + (f"; --opts {' '.join(args.opts)}" if args.opts else "")
-             + "; mean over classes of the best epoch (key metric"
-             f" {done[0].get('key_metric') if done else '?'}), metrics in %", "",
+             + "; mean over classes at the final epoch, metrics in %", "",
              tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), ""]
     for c in failed:
         lines += [f"- **{c['name']}** failed: {c['error']}"]
@@ -123,19 +122,21 @@ def write_report(work_dir, args, grid, cells):
     (work_dir / "sweep.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
 
-def run_cell(args, overrides, cell_dir):
-    """Train one cell; returns the best results (raises whatever went wrong)."""
+def run_cell(args, overrides, cell_dir, device):
+    """Train one cell in a run folder of its own (``--work_dir CELL --evaluate/--resume``
+    work on it as on any run); returns the final-epoch results."""
     from types import SimpleNamespace
 
-    from tools._common import load_cfg
-    from utils.misc import resolve_device
+    from tools._common import plan_new_run
     from utils.trainer import Trainer
 
     ns = SimpleNamespace(config=args.config, opts=list(args.opts) + overrides,
-                         data_root=args.data_root, data_type=args.data_type)
-    cfg = load_cfg(ns)
-    trainer = Trainer(cfg, cell_dir, resolve_device(args.device), class_name=args.class_name,
-                      progress=not args.no_progress)
+                         data_root=args.data_root, data_type=args.data_type,
+                         device=args.device, threads=args.threads, work_dir=str(cell_dir))
+    plan = plan_new_run(ns, "sweep", class_name=args.class_name)
+    plan.record["sweep"] = {"folder": str(Path(cell_dir).parent), "overrides": overrides}
+    trainer = Trainer(plan.cfg, cell_dir, device, class_name=args.class_name,
+                      progress=not args.no_progress, record=plan.record)
     try:
         return trainer.fit(), trainer.key_metric
     finally:
@@ -162,6 +163,13 @@ def main(argv=None):
         return 2
     work_dir = Path(args.work_dir) if args.work_dir else (
         Path(args.config).resolve().parent / "runs" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    from tools._common import apply_device_args
+
+    try:
+        device = apply_device_args(args)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     work_dir.mkdir(parents=True, exist_ok=True)
     labels = cell_names(grid)
     cells = []
@@ -174,11 +182,11 @@ def main(argv=None):
         print(f"[sweep] cell {i + 1}/{len(combos)}: {' '.join(cell['overrides'])}", flush=True)
         t0 = time.time()
         try:
-            results, key_metric = run_cell(args, cell["overrides"], work_dir / name)
+            results, key_metric = run_cell(args, cell["overrides"], work_dir / name, device)
             if results is None:
                 raise RuntimeError("training finished without an evaluation")
             cell.update(status="ok", mean=results["mean"], protocol=results["protocol"],
-                        best_epoch=results.get("epoch"), key_metric=key_metric)
+                        epoch=results.get("epoch"), key_metric=key_metric)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # a failing cell must not end the sweep

@@ -2,13 +2,14 @@
 
     python tools/train_per_class.py --config experiments/MVTec-AD/uniad/lite.yaml \\
         --data_root DATA/mvtec [--classes bottle cable] [--work_dir RUN]
-    python tools/train_per_class.py --config CFG --work_dir RUN --resume    # finish a sweep
-    python tools/train_per_class.py --config CFG --work_dir RUN --evaluate  # re-evaluate all
+    python tools/train_per_class.py --work_dir RUN --resume    # finish a sweep
+    python tools/train_per_class.py --work_dir RUN --evaluate  # re-evaluate every class
 
-Each class trains in ``<work_dir>/<class>/`` (its own checkpoints, log, results); the sweep
-writes ``<work_dir>/results.json`` / ``results.md`` with every class and the unweighted mean.
-With --resume, classes that already have results are kept and an interrupted class continues
-from its last checkpoint.
+Each class trains in ``<work_dir>/<class>/`` (a run folder of its own: config, run.json,
+checkpoints, log, results); the sweep writes ``<work_dir>/results.json`` / ``results.md`` with
+every class and the unweighted mean. With --resume, classes that already have results are kept
+and an interrupted class continues from its last checkpoint. --evaluate writes
+``<work_dir>/evaluations/<time>/`` (one folder per class and the combined table).
 """
 import argparse
 import json
@@ -19,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools._common import (add_config_arg, add_data_args, add_run_args,  # noqa: E402
-                           dataset_classes, load_cfg, resolve_work_dir, run_main)
+                           run_main)
 
 
 def parse_args(argv=None):
@@ -29,7 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--classes", nargs="+", default=None,
                    help="classes to train (default: every class of the dataset)")
     p.add_argument("-e", "--evaluate", action="store_true",
-                   help="evaluate every class's <class>/checkpoints/best.pth only")
+                   help="evaluate every class's <class>/checkpoints/last.pth only")
+    p.add_argument("--vis", action="store_true", help="with --evaluate: heat-map panels")
     p.add_argument("--resume", action="store_true",
                    help="keep finished classes, continue an interrupted one")
     add_run_args(p)
@@ -44,49 +46,85 @@ def combine(per_class_results, classes, seconds=None):
     protocol = dict(per_class_results[classes[0]]["protocol"])
     protocol.update(classes=list(classes), setting="per-class")
     out = {"protocol": protocol, "per_class": per_class, "mean": summarize(per_class),
-           "best_epoch": {c: per_class_results[c].get("epoch") for c in classes}}
+           "epoch": {c: per_class_results[c].get("epoch") for c in classes}}
     if seconds is not None:
         out["seconds"] = {c: round(s, 1) for c, s in seconds.items()}
     return out
 
 
+def class_record(record, cls):
+    """A class's own run.json: it can be resumed or evaluated alone with train_val.py."""
+    sub = dict(record, class_name=cls, setting="single-class", history=[])
+    sub["part_of"] = "train_per_class"
+    return sub
+
+
 def run(args):
+    from tools._common import (apply_device_args, dataset_classes, evaluation_dir,
+                               plan_existing_run, plan_new_run)
+    from utils.config import save_config
     from utils.logger import setup_logger
-    from utils.misc import resolve_device
     from utils.results import protocol_line, results_table, write_results
+    from utils.run_record import history_entry, write_record
     from utils.trainer import Trainer
 
-    cfg = load_cfg(args, classes=args.classes)
-    classes = dataset_classes(cfg)
-    cfg.dataset["classes"] = classes  # one prepared manifest for the whole sweep
-    work_dir = resolve_work_dir(args, pick_latest=args.evaluate or args.resume)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device)
-    log = setup_logger(work_dir / "log.txt")
-    log.info(f"per-class sweep over {len(classes)} classes: {', '.join(classes)} -> {work_dir}")
+    if args.vis and not args.evaluate:
+        raise ValueError("--vis draws the panels of an evaluation: use it with --evaluate")
+    device = apply_device_args(args)
+    if args.evaluate or args.resume:
+        action = "--evaluate" if args.evaluate else "--resume"
+        plan = plan_existing_run(args, "train_per_class", action)
+        classes = list(plan.record.get("classes") or dataset_classes(plan.cfg))
+        if args.classes:  # a subset of the sweep's own classes, not a change of its config
+            unknown = [c for c in args.classes if c not in classes]
+            if unknown:
+                raise ValueError(f"--classes {', '.join(unknown)}: not in the sweep "
+                                 f"{plan.work_dir} (its classes: {', '.join(classes)})")
+            classes = [c for c in classes if c in args.classes]
+    else:
+        plan = plan_new_run(args, "train_per_class", classes=args.classes, setting="per-class")
+        classes = dataset_classes(plan.cfg)  # checks the data before any folder exists
+        plan.record["classes"] = classes
+    work_dir, cfg = plan.work_dir, plan.cfg
+    out_dir = evaluation_dir(work_dir, "per-class") if args.evaluate else work_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not args.evaluate:
+        if plan.changes:
+            plan.record.setdefault("history", []).append(
+                history_entry("resume", plan.changes, sys.argv))
+        write_record(work_dir, plan.record)
+        save_config(cfg, work_dir / "config.yaml")
+    log = setup_logger(out_dir / "log.txt")
+    log.info(f"per-class sweep over {len(classes)} classes: {', '.join(classes)} -> {out_dir}")
     results, seconds = {}, {}
     for i, cls in enumerate(classes, 1):
         sub = work_dir / cls
         done = sub / "results.json"
-        if args.resume and done.is_file() and not args.evaluate:
+        if args.resume and done.is_file():
             results[cls] = json.loads(done.read_text(encoding="utf-8"))
             log.info(f"[{i}/{len(classes)}] {cls}: kept finished results from {done}")
             continue
         log.info(f"[{i}/{len(classes)}] {cls}")
         t0 = time.time()
-        trainer = Trainer(cfg, sub, device, class_name=cls, progress=not args.no_progress)
+        record = class_record(plan.record, cls)
         if args.evaluate:
-            res = trainer.evaluate(sub / "checkpoints" / "best.pth")
+            trainer = Trainer(cfg, out_dir / cls, device, class_name=cls,
+                              progress=not args.no_progress, record=record,
+                              changes=plan.changes)
+            res = trainer.evaluate(sub / "checkpoints" / "last.pth", vis=args.vis,
+                                   trusted=args.trust_checkpoint, allow_changes=args.override)
         else:
+            trainer = Trainer(cfg, sub, device, class_name=cls, progress=not args.no_progress,
+                              record=record, changes=plan.changes)
             if args.resume and (sub / "checkpoints" / "last.pth").is_file():
-                trainer.resume()
+                trainer.resume(trusted=args.trust_checkpoint)
             res = trainer.fit()
         if res is None:
             raise ValueError(f"class '{cls}' produced no evaluation (trainer.max_epoch 0?)")
         results[cls], seconds[cls] = res, time.time() - t0
-        log = setup_logger(work_dir / "log.txt")  # the class's Trainer took the logger over
+        log = setup_logger(out_dir / "log.txt")  # the class's Trainer took the logger over
     combined = combine(results, classes, seconds)
-    write_results(combined, work_dir)
+    write_results(combined, out_dir)
     log.info(f"per-class results\n{protocol_line(combined['protocol'])}\n" +
              results_table(combined, fmt="simple"))
     return 0

@@ -3,7 +3,8 @@
     python tools/train_unified.py --config experiments/MVTec-AD/uniad/lite.yaml \\
         --data_root DATA/mvtec [--data_root DATA/mpdd] [--classes bottle cable]
     python tools/train_unified.py --config CFG --meta DATA/mvtec/meta.json --meta DATA/visa/meta.json
-    python tools/train_unified.py --config CFG --work_dir RUN --evaluate
+    python tools/train_unified.py --work_dir RUN --resume
+    python tools/train_unified.py --work_dir RUN --evaluate [--vis]
 
 The run folder gets the usual results.json / results.md with one row per class and the mean.
 """
@@ -13,8 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools._common import (add_config_arg, add_data_args, add_run_args, load_cfg,  # noqa: E402
-                           resolve_work_dir, run_main)
+from tools._common import add_config_arg, add_data_args, add_run_args, run_main  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -27,7 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--classes", nargs="+", default=None, help="only these classes")
     p.add_argument("-e", "--evaluate", action="store_true", help="evaluate a checkpoint only")
     p.add_argument("--checkpoint", default=None,
-                   help="checkpoint for --evaluate (default: <work_dir>/checkpoints/best.pth)")
+                   help="checkpoint for --evaluate (default: <work_dir>/checkpoints/last.pth)")
+    p.add_argument("--vis", action="store_true", help="with --evaluate: heat-map panels")
     p.add_argument("--resume", action="store_true",
                    help="continue from <work_dir>/checkpoints/last.pth")
     add_run_args(p)
@@ -36,24 +37,14 @@ def parse_args(argv=None):
         if args.data_root or (args.data_type and args.data_type != "ader"):
             p.error("--meta cannot be combined with --data_root / another --data_type")
         args.data_root, args.data_type = args.meta, "ader"
+    args.class_name = None
     return args
 
 
 def run(args):
-    from utils.misc import resolve_device
-    from utils.trainer import Trainer
+    from tools import train_val
 
-    cfg = load_cfg(args, classes=args.classes)
-    work_dir = resolve_work_dir(args, pick_latest=args.evaluate or args.resume)
-    trainer = Trainer(cfg, work_dir, resolve_device(args.device),
-                      progress=not args.no_progress)
-    if args.evaluate:
-        trainer.evaluate(args.checkpoint or work_dir / "checkpoints" / "best.pth")
-        return 0
-    if args.resume:
-        trainer.resume()
-    trainer.fit()
-    return 0
+    return train_val.run(args, "train_unified", classes=args.classes)
 
 
 def main(argv=None):

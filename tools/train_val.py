@@ -2,10 +2,14 @@
 
     python tools/train_val.py --config experiments/demo/config.yaml
     python tools/train_val.py --config CFG --class_name bottle
-    python tools/train_val.py --config CFG --work_dir RUN --evaluate [--checkpoint P]
-    python tools/train_val.py --config CFG --work_dir RUN --resume
+    python tools/train_val.py --work_dir RUN --resume          # the run's own config
+    python tools/train_val.py --work_dir RUN --evaluate [--vis] [--checkpoint P]
     python tools/train_val.py --config experiments/MVTec-AD/uniad/lite.yaml \
         --data_root DATA/mvtec --class_name bottle
+
+--resume and --evaluate read the run folder (config.yaml, run.json); flags that would change
+it are refused unless --override, which records the change. Each evaluation writes its own
+folder RUN/evaluations/<checkpoint>-<time>/; the training run's results are never rewritten.
 """
 import argparse
 import sys
@@ -13,21 +17,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools._common import add_data_args, add_run_args, load_cfg, run_main  # noqa: E402
-from tools._common import default_work_dir  # noqa: E402,F401  (kept importable from here)
+from tools._common import (add_config_arg, add_data_args, add_run_args,  # noqa: E402
+                           default_work_dir, run_main)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config")
+    add_config_arg(p)
     p.add_argument("--class_name", default=None, help="train/evaluate this class only")
     add_data_args(p)
     p.add_argument("-e", "--evaluate", action="store_true", help="evaluate a checkpoint only")
     p.add_argument("--checkpoint", default=None,
-                   help="checkpoint for --evaluate (default: <work_dir>/checkpoints/best.pth)")
+                   help="checkpoint for --evaluate (default: <work_dir>/checkpoints/last.pth, "
+                        "the final epoch)")
     p.add_argument("--vis", action="store_true",
                    help="with --evaluate: panels (image | ground truth | heat map | mask) under "
-                        "<work_dir>/vis/<class>/<defect>/ (settings: evaluator.vis)")
+                        "the evaluation's vis/<class>/<defect>/ (settings: evaluator.vis)")
     p.add_argument("--resume", action="store_true",
                    help="continue from <work_dir>/checkpoints/last.pth")
     add_run_args(p)
@@ -35,43 +40,96 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """Exit status: 0 done, 2 a problem with the config/data/checkpoint (one clear line),
+    """Exit status: 0 done, 2 a problem with the config/data/checkpoint/run (one clear line),
     128+N interrupted by signal N (resumable)."""
     return run_main(run, parse_args(argv))
 
 
-def run(args):
-    from utils.misc import resolve_device
-    from utils.trainer import Trainer
+def run(args, tool="train_val", classes=None):
+    from utils import distributed as du
+    from tools._common import apply_device_args
 
     if args.vis and not args.evaluate:
         raise ValueError("--vis draws the panels of an evaluation: use it with --evaluate")
-    from utils import distributed as du
-
-    cfg = load_cfg(args)
-    device = du.init_distributed(resolve_device(args.device))
-    if args.work_dir:
-        work_dir = Path(args.work_dir)
-    else:  # every rank must agree on a timestamped folder
-        work_dir = du.broadcast_object(default_work_dir(
-            args.config, pick_latest=args.evaluate or args.resume))
+    if args.evaluate and args.resume:
+        raise ValueError("--evaluate and --resume exclude each other")
+    device = du.init_distributed(apply_device_args(args))
     try:
-        return _run(args, cfg, work_dir, device, Trainer)
+        return _run(args, device, tool, classes)
     finally:
         du.shutdown()
 
 
-def _run(args, cfg, work_dir, device, Trainer):
-    trainer = Trainer(cfg, work_dir, device, class_name=args.class_name,
-                      progress=not args.no_progress)
+def plan(args, tool, classes=None):
+    """The run to open, the same on every rank (rank 0 decides, the others receive it)."""
+    from utils import distributed as du
+    from tools._common import plan_existing_run, plan_new_run
+
+    if args.evaluate or args.resume:
+        action = "--evaluate" if args.evaluate else "--resume"
+        work_dir = args.work_dir
+        if args.evaluate and args.checkpoint and not work_dir:
+            work_dir = run_dir_of_checkpoint(args.checkpoint)
+        work_dir = du.broadcast_object(work_dir if work_dir or not args.config
+                                       else default_work_dir(args.config, pick_latest=True))
+        return plan_existing_run(args, tool, action, classes=classes,
+                                 class_name=args.class_name, work_dir=work_dir)
+    work_dir = du.broadcast_object(args.work_dir or default_work_dir(args.config, False)) \
+        if getattr(args, "config", None) else args.work_dir
+    return plan_new_run(args, tool, classes=classes, class_name=args.class_name,
+                        work_dir=work_dir)
+
+
+def run_dir_of_checkpoint(checkpoint):
+    """``RUN/checkpoints/x.pth`` -> ``RUN`` when RUN is a run folder; else an error."""
+    from utils.run_record import RECORD_NAME, RunRecordError
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise RunRecordError(f"checkpoint not found: {path}")
+    run = path.resolve().parent.parent
+    if path.resolve().parent.name == "checkpoints" and (run / RECORD_NAME).is_file():
+        return run
+    raise RunRecordError(f"{path} is not inside a run folder (RUN/checkpoints/); pass the "
+                         f"run with --work_dir, or use tools/predict.py for a lone checkpoint")
+
+
+def _run(args, device, tool, classes=None):
+    from utils import distributed as du
+    from tools._common import evaluation_dir
+    from utils.trainer import Trainer
+
+    p = plan(args, tool, classes)
+    progress = not args.no_progress
+    class_name = p.record.get("class_name")
     if args.evaluate:
-        ckpt = args.checkpoint or work_dir / "checkpoints" / "best.pth"
-        trainer.evaluate(ckpt, vis=args.vis)
+        ckpt = Path(args.checkpoint) if args.checkpoint else \
+            p.work_dir / "checkpoints" / "last.pth"
+        out = du.broadcast_object(evaluation_dir(p.work_dir, ckpt))
+        trainer = Trainer(p.cfg, out, device, class_name=class_name, progress=progress,
+                          record=p.record, changes=p.changes)
+        trainer.evaluate(ckpt, vis=args.vis, trusted=args.trust_checkpoint,
+                         allow_changes=args.override)
+        _record_evaluation(p, out)
         return 0
+    trainer = Trainer(p.cfg, p.work_dir, device, class_name=class_name, progress=progress,
+                      record=p.record, changes=p.changes)
     if args.resume:
-        trainer.resume()
+        trainer.resume(trusted=args.trust_checkpoint)
     trainer.fit()
     return 0
+
+
+def _record_evaluation(p, out):
+    """An evaluation under accepted changes is part of the run's history."""
+    from utils import distributed as du
+    from utils.run_record import history_entry, write_record
+
+    if p.changes and du.rank() == 0:
+        entry = history_entry("evaluate", p.changes, sys.argv)
+        entry["output"] = str(out)
+        p.record.setdefault("history", []).append(entry)
+        write_record(p.work_dir, p.record)
 
 
 if __name__ == "__main__":

@@ -23,5 +23,5 @@ def resolve_device(name=None):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA device is available")
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
     return device

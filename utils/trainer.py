@@ -24,7 +24,7 @@ from utils.evaluator import (compute_thresholds, evaluator_settings, metrics_fro
                              write_thresholds)
 from utils.feature_cache import (SkipPrefix, build_feature_cache, cache_key, load_cache,
                                  save_cache)
-from utils.logger import setup_logger
+from utils.logger import attach_log_file, setup_logger
 from utils.misc import set_seed
 from utils.results import protocol_line, results_table, write_results
 from utils.visualize import log_evaluation_images, vis_settings, write_panels
@@ -73,6 +73,15 @@ def build_scheduler(optimizer, cfg, max_epoch):
                      f"CosineAnnealingLR, got '{kind}'")
 
 
+def schedule_changed(old_cfg, new_cfg):
+    """Whether the keys the learning-rate schedule depends on differ between two configs."""
+    def part(cfg):
+        tr = (cfg or {}).get("trainer") or {}
+        return (tr.get("max_epoch"), to_plain(tr.get("lr_scheduler")),
+                to_plain((tr.get("optimizer") or {}).get("kwargs")))
+    return old_cfg is not None and part(old_cfg) != part(new_cfg)
+
+
 def amp_dtype_for(setting, device):
     """``trainer.amp``: false | true (fp16 on CUDA, bf16 on CPU) | 'fp16' | 'bf16'."""
     if not setting:
@@ -105,18 +114,33 @@ def gather_inference(parts):
 
 
 class Trainer:
-    def __init__(self, cfg, work_dir, device, class_name=None, progress=True, logger=None):
+    """``record`` is the run's invocation (``run.json``; see ``tools/_common.py``) and
+    ``changes`` the overrides accepted for an existing run. The folder is created only after
+    the config and data have been checked: a failed start leaves nothing behind."""
+
+    def __init__(self, cfg, work_dir, device, class_name=None, progress=True, logger=None,
+                 record=None, changes=None):
         self.cfg = cfg
         self.work_dir = Path(work_dir)
         self.device = device
         self.class_name = class_name
+        self.record = dict(record or {})
+        self.changes = list(changes or [])
         self.rank, self.world = du.rank(), du.world_size()
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.lock = WorkDirLock(self.work_dir).acquire() if self.is_main else None
+        existed = self.work_dir.is_dir()
+        self.lock = WorkDirLock(self.work_dir).acquire() if self.is_main and existed else None
         try:
+            if logger is None:
+                logger = setup_logger(self.work_dir / "log.txt" if existed else None,
+                                      rank=self.rank, hold=not existed)
             self._build(cfg, device, class_name, logger)
+            self.created_folder = self.is_main and not existed
+            if self.created_folder:  # checked: now the folder may exist
+                self.work_dir.mkdir(parents=True, exist_ok=True)
+                self.lock = WorkDirLock(self.work_dir).acquire()
+                attach_log_file(self.logger, self.work_dir / "log.txt")
         except BaseException:
             if self.lock is not None:  # a failed build must not keep the folder locked
                 self.lock.release()
@@ -124,7 +148,7 @@ class Trainer:
 
     def _build(self, cfg, device, class_name, logger):
         self.ckpt_dir = self.work_dir / "checkpoints"
-        self.logger = logger or setup_logger(self.work_dir / "log.txt", rank=self.rank)
+        self.logger = logger
         self.seed = int(cfg.get("random_seed", 0))
         # same seed everywhere for the model's initial weights (DDP also broadcasts rank 0's)
         set_seed(self.seed, cfg.get("deterministic", False))
@@ -188,6 +212,7 @@ class Trainer:
         self.best_metric = -math.inf
         self.best_epoch = None
         self.best_results = None
+        self.evaluations = 0
         self._writer = None
 
     # ------------------------------------------------------------------ helpers
@@ -348,14 +373,19 @@ class Trainer:
             self._writer = SummaryWriter(str(self.work_dir / "events"))
         return self._writer
 
-    def protocol(self):
+    def protocol(self, epochs_trained=None, reported=None):
+        """What the figures mean, from what the weights actually went through."""
         backbone = self.cfg.net[0]
+        epochs = self.max_epoch if epochs_trained is None else epochs_trained
         protocol = {
             "dataset": self.cfg.dataset.get("type", "explicit"),
             "classes": list(self.classes),
-            "setting": "single-class" if self.class_name else "unified",
+            "setting": self.record.get("setting") or
+            ("single-class" if self.class_name else "unified"),
             "input_size": list(self.cfg.dataset.input_size),
-            "epochs": self.max_epoch,
+            "resize": self.cfg.dataset.get("resize", "cv2_linear"),
+            "epochs": epochs,
+            "reported": reported or f"final epoch ({epochs})",
             "seed": self.seed,
             "image_score": self.score_cfg["reduction"] +
             (f"(avgpool {self.score_cfg['kernel']})" if self.score_cfg["reduction"] == "max"
@@ -363,13 +393,26 @@ class Trainer:
             "backbone": (backbone.get("kwargs") or {}).get("model_name") or
             backbone.type.rsplit(".", 1)[-1],
         }
+        if self.max_epoch != epochs:
+            protocol["epochs_planned"] = self.max_epoch
         seen = getattr(self.train_set, "seen_anomalies", None)
         if seen:  # semi-supervised: which test images became training anomalies
             protocol["seen_anomalies"] = seen
+        overrides = [h for h in self.record.get("history", []) if h.get("changes")]
+        if overrides:  # accepted --override changes: the config differs from the one started
+            protocol["overrides"] = [f"{c['key']}: {c['old']!r} -> {c['new']!r} "
+                                     f"({h['action']} {h['time']})"
+                                     for h in overrides for c in h["changes"]]
         return protocol
 
+    def train_files(self):
+        """Every image the weights were fitted on (seen anomalies included), by manifest name:
+        an evaluation set holding any of them is refused."""
+        return sorted({str(r["filename"]) for r in self.train_set.records})
+
     def state_dict(self, epoch, step=0):
-        """``epoch`` finished epochs; ``step`` finished steps of the next one (interrupts)."""
+        """``epoch`` finished epochs; ``step`` finished steps of the next one (interrupts).
+        Plain data only (see utils/checkpoint.py): opening it never runs code."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
@@ -380,10 +423,13 @@ class Trainer:
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "best_results": self.best_results,
+            "evaluations": self.evaluations,
             "key_metric": self.key_metric,
             "rng": rng_state(),
             "rng_per_rank": du.all_gather_objects(rng_state()) if self.world > 1 else None,
             "config": to_plain(self.cfg),
+            "run": self.record,
+            "train_files": self.train_files(),
             "pixel_mean": list(self.pixel_mean),
             "pixel_std": list(self.pixel_std),
             "classes": list(self.classes),
@@ -401,15 +447,19 @@ class Trainer:
             return
         if self.optimizer and state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler and state.get("scheduler"):
-            self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"])
         self.start_step = int(state.get("step", 0))
+        if self.scheduler and state.get("scheduler"):
+            if schedule_changed(state.get("config"), self.cfg):
+                self._rebuild_schedule(self.start_epoch)
+            else:
+                self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.best_metric = state.get("best_metric", -math.inf)
         self.best_epoch = state.get("best_epoch")
         self.best_results = state.get("best_results")
+        self.evaluations = int(state.get("evaluations") or 0)
         self.thresholds = state.get("thresholds")
         per_rank = state.get("rng_per_rank")
         if per_rank and len(per_rank) == self.world:
@@ -417,9 +467,31 @@ class Trainer:
         else:
             set_rng_state(state["rng"])
 
-    def resume(self, path=None):
+    def _rebuild_schedule(self, epochs_done):
+        """An accepted change of ``trainer.max_epoch``, the optimizer's kwargs or the schedule
+        on resume: the learning rate continues on the new schedule as if the run had been
+        planned that way from the start (new base lr, stepped ``epochs_done`` times)."""
+        import warnings
+
+        kwargs = (self.cfg.trainer.get("optimizer") or {}).get("kwargs") or {}
+        for group in self.optimizer.param_groups:
+            for key, value in kwargs.items():
+                if key in group and key != "params":
+                    group[key] = value
+            group["initial_lr"] = group["lr"] = kwargs.get("lr", group.get("initial_lr",
+                                                                           group["lr"]))
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.trainer.get("lr_scheduler"),
+                                         self.max_epoch)
+        with warnings.catch_warnings():  # stepping without optimizer steps is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(epochs_done):
+                self.scheduler.step()
+        self.logger.info(f"learning-rate schedule rebuilt for {self.max_epoch} epochs: lr "
+                         f"{self.optimizer.param_groups[0]['lr']:.3e} after epoch {epochs_done}")
+
+    def resume(self, path=None, trusted=False):
         path = Path(path or self.ckpt_dir / "last.pth")
-        state = load_checkpoint(path, map_location=self.device)
+        state = load_checkpoint(path, map_location=self.device, trusted=trusted)
         self.load_state(state, resume=True)
         where = f" step {self.start_step}" if self.start_step else ""
         self.logger.info(f"resumed from {path} after epoch {self.start_epoch}{where}")
@@ -520,10 +592,33 @@ class Trainer:
         self.logger.warning(f"{signal.Signals(signum).name} received: saving a checkpoint "
                             f"after this step (send again to stop at once)")
 
+    def _write_record(self, action):
+        """``run.json``: the invocation, plus a history entry for accepted changes."""
+        if not self.is_main:
+            return
+        from utils.run_record import history_entry, write_record
+
+        rec = self.record
+        rec["classes"] = list(self.classes)
+        rec["seen_anomalies"] = getattr(self.train_set, "seen_anomalies", None) or {}
+        rec["resolved_device"] = str(self.device)
+        rec["world_size"] = self.world
+        rec.setdefault("history", [])
+        if action == "start":
+            rec.setdefault("setting", "single-class" if self.class_name else "unified")
+            rec["class_name"] = self.class_name
+        elif self.changes:
+            import sys
+
+            rec["history"].append(history_entry(action, self.changes, sys.argv))
+        write_record(self.work_dir, rec)
+
     def fit(self):
         if self.optimizer is None:
             raise ValueError("nothing to train: every module in net is frozen")
         if self.is_main:
+            fresh = self.start_epoch == 0 and self.start_step == 0
+            self._write_record("start" if fresh and not self.changes else "resume")
             save_config(self.cfg, self.work_dir / "config.yaml")
         log = self.logger
         log.info(f"work_dir: {self.work_dir}")
@@ -541,15 +636,18 @@ class Trainer:
             except ValueError:  # not the main thread: leave signals alone
                 pass
         try:
-            self._fit_epochs(t0)
+            return self._fit_epochs(t0)
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             self.close()
-        return self.best_results
 
     def _fit_epochs(self, t0):
+        """Returns the final epoch's results (what ADer and the papers report); the best
+        evaluation by ``evaluator.key_metric`` is kept beside it, labelled as selected on the
+        test set, and in ``best.pth`` for UniAD users."""
         log = self.logger
+        final = None
         for epoch in range(self.start_epoch, self.max_epoch):
             t_epoch = time.time()
             start = self.start_step if epoch == self.start_epoch else 0
@@ -563,6 +661,7 @@ class Trainer:
             done = epoch + 1
             if done % self.val_freq == 0 or done == self.max_epoch:
                 results = self.evaluate_now(epoch=done)
+                self.evaluations += 1
                 value = results["mean"].get(self.key_metric)
                 value = -math.inf if value is None else value
                 if self.best_epoch is None or value > self.best_metric:
@@ -570,16 +669,28 @@ class Trainer:
                     self.best_results = results
                     self.save(done, "best.pth")
                     log.info(f"new best {self.key_metric} {value:.4f} at epoch {done}")
+                if done == self.max_epoch:
+                    final = results
             self.save(done, "last.pth")
             if self._stop_requested():  # arrived during evaluation
                 self.interrupt(done, 0)
         log.info(f"training done in {time.time() - t0:.1f}s; best {self.key_metric} "
-                 f"{self.best_metric:.4f} at epoch {self.best_epoch}")
-        if self.best_results is not None:
-            self.report(self.best_results, title=f"best epoch {self.best_epoch}")
+                 f"{self.best_metric:.4f} at epoch {self.best_epoch} (selected on the test set)")
+        if final is None:
+            return None
+        final = dict(final)
+        if self.evaluations > 1 and self.best_results is not None:
+            final["best_on_test_set"] = {
+                "note": f"selected on the test set by {self.key_metric} among "
+                        f"{self.evaluations} evaluations; not the reported result",
+                "epoch": self.best_epoch, "key_metric": self.key_metric,
+                "per_class": self.best_results["per_class"],
+                "mean": self.best_results["mean"]}
+        self.report(final, title=f"final epoch {final.get('epoch')}")
+        return final
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate_now(self, epoch=None):
+    def evaluate_now(self, epoch=None, protocol=None):
         """Metrics of the current weights; also sets ``self.thresholds`` (saved with the next
         checkpoint) and ``self.last_inference`` (maps and scores, for pictures)."""
         self._ensure_cache(train=False)
@@ -588,7 +699,11 @@ class Trainer:
         if self.world > 1:
             inf = gather_inference(du.all_gather_objects(inf))
         per_class, mean = metrics_from_inference(inf, self.metrics, self.classes)
-        results = {"protocol": self.protocol(), "per_class": per_class, "mean": mean}
+        if protocol is None:
+            protocol = self.protocol(epochs_trained=epoch, reported=f"epoch {epoch}"
+                                     if epoch is not None and epoch != self.max_epoch
+                                     else None)
+        results = {"protocol": protocol, "per_class": per_class, "mean": mean}
         self.thresholds = compute_thresholds(inf, self.score_cfg, self.classes,
                                              normal_percentile(self.cfg), epoch)
         self.last_inference = inf
@@ -607,15 +722,62 @@ class Trainer:
                              results_table(results, fmt="simple"))
         return results
 
-    def evaluate(self, checkpoint, vis=False):
-        """Evaluate a checkpoint (left unchanged): results.json/md, per-image ``scores.csv``,
-        ``thresholds.json`` and, with ``vis``, panels under ``<work_dir>/vis/<class>/<defect>``."""
-        state = load_checkpoint(checkpoint, map_location=self.device)
+    def check_leakage(self, state, checkpoint):
+        """Refuse to score images the weights were fitted on (seen anomalies, training files)."""
+        trained = set(state.get("train_files") or [])
+        leaked = sorted(str(r["filename"]) for r in self.test_set.records
+                        if str(r["filename"]) in trained)
+        if leaked:
+            raise ValueError(
+                f"the evaluation set holds {len(leaked)} image(s) that checkpoint {checkpoint} "
+                f"was trained on, e.g. {', '.join(leaked[:5])}; scoring them would inflate the "
+                f"figures. Evaluate with the run's own config (its dataset.seen_anomalies "
+                f"removes them from the test set)")
+
+    def evaluate(self, checkpoint, vis=False, trusted=False, allow_changes=False):
+        """See ``_evaluate``; an evaluation refused before it ran leaves no folder behind."""
+        try:
+            return self._evaluate(checkpoint, vis, trusted, allow_changes)
+        except BaseException:
+            self.close()
+            if getattr(self, "created_folder", False) and not (
+                    self.work_dir / "results.json").exists():
+                import shutil
+
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+            raise
+
+    def _evaluate(self, checkpoint, vis, trusted, allow_changes):
+        """Evaluate a checkpoint (left unchanged) into this Trainer's folder: results.json/md,
+        per-image ``scores.csv``, ``thresholds.json`` and, with ``vis``, panels under
+        ``vis/<class>/<defect>``. The protocol says what the checkpoint went through."""
+        from utils.run_record import config_diff, format_changes
+
+        state = load_checkpoint(checkpoint, map_location=self.device, trusted=trusted)
+        accepted = {c["key"] for h in self.record.get("history", []) for c in h["changes"]}
+        differs = [d for d in config_diff(state.get("config") or {}, to_plain(self.cfg))
+                   if d[0] not in accepted]  # changes the run's history already records
+        if differs and not allow_changes:
+            raise ValueError(f"checkpoint {checkpoint} was trained with another config than "
+                             f"the one evaluating it:\n{format_changes(differs)}\nadd "
+                             f"--override to evaluate it so anyway (recorded in the results)")
+        self.check_leakage(state, checkpoint)
         self.load_state(state, resume=False)
-        results = self.evaluate_now()
-        results["checkpoint"] = str(checkpoint)
-        results["epoch"] = state.get("epoch")
-        self.thresholds["epoch"] = state.get("epoch")
+        epoch, step = state.get("epoch"), int(state.get("step") or 0)
+        done = f"{epoch} epochs" + (f" and {step} steps" if step else "")
+        protocol = self.protocol(epochs_trained=epoch,
+                                 reported=f"checkpoint {Path(checkpoint).name} after {done}")
+        trained_for = ((state.get("config") or {}).get("trainer") or {}).get("max_epoch")
+        if trained_for is not None:
+            protocol["epochs_planned"] = trained_for
+        if state.get("run", {}).get("seen_anomalies"):
+            protocol["seen_anomalies"] = state["run"]["seen_anomalies"]
+        if differs:
+            protocol["overrides"] = [f"{k}: {o!r} -> {n!r} (evaluation)" for k, o, n in differs]
+        results = self.evaluate_now(protocol=protocol)
+        results["checkpoint"] = str(Path(checkpoint).resolve())
+        results["epoch"] = epoch
+        self.thresholds["epoch"] = epoch
         self.report(results, title=f"checkpoint {checkpoint}")
         if not self.is_main:
             self.close()
@@ -650,3 +812,4 @@ class Trainer:
             self._writer = None
         if self.lock is not None:
             self.lock.release()
+            self.lock = None
