@@ -151,3 +151,102 @@ def test_changing_type_replaces_the_kwargs_block():
     ds = merge_dicts({"dataset": {"type": "explicit", "batch_size": 8}},
                      {"dataset": {"type": "mvtec"}})
     assert ds["dataset"] == {"type": "mvtec", "batch_size": 8}
+
+
+# ----------------------------------------------------------------------------- YAML 1.2 numbers
+
+def test_config_file_exponent_floats_are_numbers(tree):
+    root, _ = tree
+    path = write(root / "exp" / "exp.yaml", """
+        _base_: config.yaml
+        trainer:
+          optimizer: {type: AdamW, kwargs: {lr: 1e-4, weight_decay: 1E-5, eps: .5e-8}}
+          clip_max_norm: -2.5e-3
+          max_epoch: 12
+        """)
+    cfg = load_config(path)
+    kw = cfg.trainer.optimizer.kwargs
+    assert kw.lr == 1e-4 and isinstance(kw.lr, float)
+    assert kw.weight_decay == 1e-5 and isinstance(kw.weight_decay, float)
+    assert kw.eps == 0.5e-8 and isinstance(kw.eps, float)
+    assert cfg.trainer.clip_max_norm == -2.5e-3
+    assert cfg.trainer.max_epoch == 12 and isinstance(cfg.trainer.max_epoch, int)
+    assert cfg.net[0].kwargs.pretrained is True
+
+
+def test_opts_exponent_float_is_a_number(tree):
+    from utils.config import parse_override
+
+    assert parse_override("trainer.optimizer.kwargs.lr=1e-4") == (
+        ["trainer", "optimizer", "kwargs", "lr"], 1e-4)
+    for raw, want in [("1E5", 1e5), ("-2.5e-3", -2.5e-3), (".5", 0.5), ("3", 3),
+                      ("true", True), ("null", None), ("[1e-4, 2]", [1e-4, 2])]:
+        value = parse_override(f"k={raw}")[1]
+        assert value == want and type(value) is type(want), raw
+    _, path = tree
+    cfg = load_config(path, ["trainer.optimizer.kwargs.lr=1e-4"])
+    assert cfg.trainer.optimizer.kwargs.lr == 1e-4
+    assert isinstance(cfg.trainer.optimizer.kwargs.lr, float)
+
+
+def test_sweep_grid_exponent_values_are_numbers(tree):
+    from tools.sweep import parse_grid
+    from utils.config import parse_override
+
+    [(key, values)] = parse_grid(["trainer.optimizer.kwargs.lr=1e-4,5e-4"])
+    parsed = [parse_override(f"{key}={v}")[1] for v in values]
+    assert parsed == [1e-4, 5e-4] and all(isinstance(v, float) for v in parsed)
+    _, path = tree
+    cfg = load_config(path, [f"{key}={values[1]}"])
+    assert cfg.trainer.optimizer.kwargs.lr == 5e-4
+
+
+def test_yaml_numbers_do_not_change_pyyaml_globally():
+    import yaml
+
+    import utils.config  # noqa: F401  (the loader is defined on import)
+
+    assert yaml.safe_load("1e-4") == "1e-4"
+
+
+def test_string_for_a_number_names_key_and_file(tree):
+    root, _ = tree
+    write(root / "base" / "a.yaml", """
+        trainer: {max_epoch: 10, optimizer: {type: AdamW, kwargs: {lr: abc}}}
+        """)
+    path = write(root / "exp" / "child.yaml", "_base_: ../base/a.yaml\n")
+    with pytest.raises(ValueError, match=r"'trainer\.optimizer\.kwargs\.lr' must be a number, "
+                                         r"got str 'abc' \(from .*base[/\\]a\.yaml\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("opt, key", [
+    ("trainer.optimizer.kwargs.lr=abc", "trainer.optimizer.kwargs.lr"),
+    ("trainer.optimizer.kwargs.weight_decay=1e-4x", "trainer.optimizer.kwargs.weight_decay"),
+    ("trainer.lr_scheduler={type: StepLR, kwargs: {step_size: ten, gamma: 0.1}}",
+     "trainer.lr_scheduler.kwargs.step_size"),
+])
+def test_string_for_a_number_names_key_and_opts(tree, opt, key):
+    _, path = tree
+    with pytest.raises(ValueError) as info:
+        load_config(path, [opt])
+    message = str(info.value)
+    line = next(ln for ln in message.splitlines() if f"'{key}'" in ln)
+    assert "must be a number" in line and f"(from --opts {opt})" in line
+
+
+def test_saved_floats_reload_as_floats(tree, tmp_path):
+    from utils.config import save_config
+
+    _, path = tree
+    cfg = load_config(path, ["trainer.optimizer.kwargs.lr=1e-4",
+                             "trainer.optimizer.kwargs.eps=1e-20",
+                             "trainer.clip_max_norm=1e20",
+                             "net.0.kwargs.tag='1e5'"])
+    out = tmp_path / "saved" / "config.yaml"
+    save_config(cfg, out)
+    again = load_config(out)
+    kw = again.trainer.optimizer.kwargs
+    assert kw.lr == 1e-4 and kw.eps == 1e-20 and again.trainer.clip_max_norm == 1e20
+    assert all(isinstance(v, float) for v in (kw.lr, kw.eps, again.trainer.clip_max_norm))
+    assert again.net[0].kwargs.tag == "1e5"  # a string that looks like a number stays one

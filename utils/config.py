@@ -7,12 +7,13 @@ with the closest valid key suggested.
 import copy
 import difflib
 import os
+import re
 from pathlib import Path
 
 import yaml
 from easydict import EasyDict
 
-from utils.config_schema import SCHEMA, Any, Choice, ListOf, OptionalT, PathT
+from utils.config_schema import SCHEMA, Any, Choice, ListOf, Number, OptionalT, PathT
 
 
 class ConfigError(ValueError):
@@ -21,13 +22,39 @@ class ConfigError(ValueError):
 
 # ----------------------------------------------------------------------------- loading
 
+class ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that reads numbers as YAML 1.2 does: ``1e-4``, ``1E5``, ``-2.5e-3`` are floats.
+
+    PyYAML follows YAML 1.1, whose float pattern needs a dot and a signed exponent, so ``1e-4``
+    came back as the string '1e-4'. The YAML 1.2 core-schema float pattern is added after the
+    built-in resolvers: ints, bools, null, ``.inf``/``.nan`` and 1.1 floats resolve as before.
+    Only this class is changed, not PyYAML's own loaders.
+    """
+
+
+class ConfigDumper(yaml.SafeDumper):
+    """SafeDumper that knows the same numbers, so a string such as '1e5' is written quoted and
+    :func:`save_config` files read back unchanged."""
+
+
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$")
+for _cls in (ConfigLoader, ConfigDumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+del _cls
+
+
+def load_yaml(text_or_stream):
+    """Parse YAML with :class:`ConfigLoader` (YAML 1.2 numbers, safe types only)."""
+    return yaml.load(text_or_stream, Loader=ConfigLoader)
+
+
 def _read_yaml(path):
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         with open(path, "r", encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = load_yaml(f)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -66,7 +93,34 @@ def merge_dicts(base, override):
     return out
 
 
-def _load_tree(path, _stack=()):
+def _record_origins(data, source, origins, _prefix=""):
+    """Note in ``origins`` (dotted key -> source) that ``source`` set every key in ``data``."""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(
+        data, list) else []
+    for key, value in items:
+        where = f"{_prefix}.{key}" if _prefix else str(key)
+        origins[where] = source
+        _record_origins(value, source, origins, where)
+
+
+def _set_origin(origins, where, source):
+    """``where`` (and everything below it, replaced with it) now comes from ``source``."""
+    below = where + "."
+    for key in [k for k in origins if k.startswith(below)]:
+        del origins[key]
+    origins[where] = source
+
+
+def origin_of(origins, where, default=None):
+    """The source of the value at dotted key ``where``: its own entry or its nearest parent's."""
+    while where:
+        if where in origins:
+            return origins[where]
+        where = where.rpartition(".")[0]
+    return default
+
+
+def _load_tree(path, _stack=(), origins=None):
     path = Path(path).resolve()
     if path in _stack:
         chain = " -> ".join(str(p) for p in (*_stack, path))
@@ -85,7 +139,9 @@ def _load_tree(path, _stack=()):
             base_path = path.parent / base_path
         if not base_path.is_file():
             raise ConfigError(f"{path}: _base_ file not found: {base} (looked at {base_path})")
-        merged = merge_dicts(merged, _load_tree(base_path, (*_stack, path)))
+        merged = merge_dicts(merged, _load_tree(base_path, (*_stack, path), origins))
+    if origins is not None:
+        _record_origins(data, str(path), origins)
     return merge_dicts(merged, data)
 
 
@@ -152,14 +208,17 @@ def parse_override(text):
     if not key:
         raise ConfigError(f"--opts entry '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
 
 
-def apply_overrides(cfg, overrides, cwd=None):
-    """Set ``a.b.0.c=value`` entries; values are YAML-typed, list elements by index."""
+def apply_overrides(cfg, overrides, cwd=None, origins=None):
+    """Set ``a.b.0.c=value`` entries; values are YAML-typed, list elements by index.
+
+    ``origins`` (dotted key -> source), when given, records each key as set by ``--opts``.
+    """
     for text in overrides or []:
         keys, value = parse_override(text)
         node = cfg
@@ -193,6 +252,8 @@ def apply_overrides(cfg, overrides, cwd=None):
                                                          for k in keys)):
             if value and not os.path.isabs(os.path.expanduser(value)):
                 _set(cfg, keys, str((Path(cwd or os.getcwd()) / value).resolve()))
+        if origins is not None:
+            _set_origin(origins, ".".join(keys), f"--opts {text}")
     return cfg
 
 
@@ -210,21 +271,25 @@ def _set(cfg, keys, value):
 # ----------------------------------------------------------------------------- validation
 
 def _type_name(spec):
+    if spec is Number:
+        return "a number"
     if isinstance(spec, type):
         return spec.__name__
     return repr(spec)
 
 
 def _check(value, spec, where, errors):
+    """Append ``(dotted key, message)`` to ``errors`` for each way ``value`` breaks ``spec``."""
     if spec is Any or spec is None:
         return
     if isinstance(spec, OptionalT):
         if value is None:
             return
         spec = spec.inner
+    got = f"got {type(value).__name__} {value!r}"
     if isinstance(spec, dict):
         if not isinstance(value, dict):
-            errors.append(f"'{where}' must be a mapping, got {type(value).__name__} {value!r}")
+            errors.append((where, f"'{where}' must be a mapping, {got}"))
             return
         for key, sub in value.items():
             child = f"{where}.{key}" if where else str(key)
@@ -236,14 +301,14 @@ def _check(value, spec, where, errors):
                 close = difflib.get_close_matches(str(key), [k for k in spec if k != "*"], n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 valid = ", ".join(sorted(k for k in spec if k != "*"))
-                errors.append(f"unknown key '{child}'{hint} (valid here: {valid})")
+                errors.append((child, f"unknown key '{child}'{hint} (valid here: {valid})"))
         return
     if isinstance(spec, ListOf):
         if not isinstance(value, list):
-            errors.append(f"'{where}' must be a list, got {type(value).__name__} {value!r}")
+            errors.append((where, f"'{where}' must be a list, {got}"))
             return
         if spec.length is not None and len(value) != spec.length:
-            errors.append(f"'{where}' must have {spec.length} elements, got {len(value)}")
+            errors.append((where, f"'{where}' must have {spec.length} elements, got {len(value)}"))
         for i, item in enumerate(value):
             _check(item, spec.item, f"{where}.{i}", errors)
         return
@@ -251,26 +316,26 @@ def _check(value, spec, where, errors):
         if value not in spec.values:
             close = difflib.get_close_matches(str(value), [str(v) for v in spec.values], n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            errors.append(f"'{where}' must be one of {list(spec.values)}, got {value!r}{hint}")
+            errors.append((where, f"'{where}' must be one of {list(spec.values)}, got "
+                                  f"{value!r}{hint}"))
         return
     if isinstance(spec, PathT):
         if not isinstance(value, str):
-            errors.append(f"'{where}' must be a path string, got {type(value).__name__}")
+            errors.append((where, f"'{where}' must be a path string, got {type(value).__name__}"))
         elif spec.must_exist and not os.path.exists(value):
-            errors.append(f"'{where}': file not found: {value}")
+            errors.append((where, f"'{where}': file not found: {value}"))
         return
-    if isinstance(spec, tuple):
-        if not any(_matches(value, s) for s in spec):
-            names = " or ".join(_type_name(s) for s in spec)
-            errors.append(f"'{where}' must be {names}, got {type(value).__name__} {value!r}")
+    if spec is Number or not isinstance(spec, tuple):
+        if not _matches(value, spec):
+            errors.append((where, f"'{where}' must be {_type_name(spec)}, {got}"))
         return
-    if not _matches(value, spec):
-        errors.append(f"'{where}' must be {_type_name(spec)}, got {type(value).__name__} "
-                      f"{value!r}")
+    if not any(_matches(value, s) for s in spec):
+        names = " or ".join(_type_name(s) for s in spec)
+        errors.append((where, f"'{where}' must be {names}, {got}"))
 
 
 def _matches(value, spec):
-    if spec is float:
+    if spec is float or spec is Number:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if spec is int:
         return isinstance(value, int) and not isinstance(value, bool)
@@ -281,7 +346,12 @@ def _matches(value, spec):
     return not errors
 
 
-def validate_config(cfg, source="config"):
+def validate_config(cfg, source="config", origins=None):
+    """Check ``cfg`` against the schema; raise :class:`ConfigError` listing every problem.
+
+    ``origins`` (dotted key -> source, as :func:`load_config` collects it) lets each problem
+    name the file or ``--opts`` entry that set the key; without it, ``source`` is named.
+    """
     errors = []
     _check(cfg, SCHEMA, "", errors)
     names = set()
@@ -291,19 +361,24 @@ def validate_config(cfg, source="config"):
         if not isinstance(name, str):
             continue  # the schema check has reported it
         if name in names:
-            errors.append(f"'net.{i}.name': duplicate module name '{name}'")
+            errors.append((f"net.{i}.name", f"'net.{i}.name': duplicate module name '{name}'"))
         prev = entry.get("prev")
         if isinstance(prev, str) and prev not in names:
             known = ", ".join(sorted(names)) or "none before it"
-            errors.append(f"'net.{i}.prev': '{prev}' names no earlier module (earlier: {known})")
+            errors.append((f"net.{i}.prev", f"'net.{i}.prev': '{prev}' names no earlier module "
+                                            f"(earlier: {known})"))
         names.add(name)
     frozen = cfg.get("frozen_layers")
     for layer in frozen if isinstance(frozen, list) else []:
         if isinstance(layer, str) and layer not in names:
-            errors.append(f"'frozen_layers': '{layer}' names no module in net "
-                          f"({', '.join(sorted(names))})")
+            errors.append(("frozen_layers", f"'frozen_layers': '{layer}' names no module in net "
+                                            f"({', '.join(sorted(names))})"))
     if errors:
-        raise ConfigError(f"invalid config {source}:\n  - " + "\n  - ".join(errors))
+        lines = []
+        for where, message in errors:
+            origin = origin_of(origins, where, source) if origins else source
+            lines.append(f"{message} (from {origin})")
+        raise ConfigError(f"invalid config {source}:\n  - " + "\n  - ".join(lines))
     return cfg
 
 
@@ -312,10 +387,11 @@ def validate_config(cfg, source="config"):
 def load_config(path, overrides=None, validate=True):
     """Load ``path`` with its bases and ``--opts`` overrides into a validated EasyDict."""
     path = Path(path)
-    tree = _load_tree(path)
-    apply_overrides(tree, overrides)
+    origins = {}
+    tree = _load_tree(path, origins=origins)
+    apply_overrides(tree, overrides, origins=origins)
     if validate:
-        validate_config(tree, str(path))
+        validate_config(tree, str(path), origins)
     cfg = EasyDict(tree)
     cfg["config_path"] = str(path.resolve())
     return cfg
@@ -335,5 +411,6 @@ def save_config(cfg, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(to_plain(cfg), f, sort_keys=False, default_flow_style=None)
+        yaml.dump(to_plain(cfg), f, Dumper=ConfigDumper, sort_keys=False,
+                  default_flow_style=None)
     os.replace(tmp, path)

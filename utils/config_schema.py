@@ -50,6 +50,17 @@ Number = (int, float)
 Path = OptionalT(PathT())
 ExistingPath = OptionalT(PathT(must_exist=True))
 TypedKwargs = {"type": str, "kwargs": OptionalT({"*": Any})}
+# torch.optim / lr_scheduler kwargs: the numeric ones the configs use are typed (a string there,
+# e.g. a mistyped 1e-4, would otherwise fail only inside torch, naming no key); others are free
+OptimKwargs = {
+    "type": str,
+    "kwargs": OptionalT({
+        "lr": Number, "weight_decay": Number, "eps": Number, "momentum": Number,
+        "betas": ListOf(Number, length=2),
+        "gamma": Number, "eta_min": Number, "step_size": Number, "T_max": Number,
+        "*": Any,
+    }),
+}
 
 AUGMENT = {
     "hflip": (bool, float),
@@ -125,8 +136,8 @@ SCHEMA = {
         "print_freq_step": int,
         "tb_freq_step": int,
         "amp": (bool, Choice("fp16", "bf16")),
-        "optimizer": TypedKwargs,
-        "lr_scheduler": OptionalT(TypedKwargs),
+        "optimizer": OptimKwargs,
+        "lr_scheduler": OptionalT(OptimKwargs),
         "on_nonfinite": Choice("stop", "skip"),
         "feature_cache": (bool, Choice("auto")),
         "feature_cache_dtype": Choice("float32", "float16"),
