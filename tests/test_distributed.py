@@ -20,14 +20,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, argv_list, codes_dir):
+def _worker(rank, world, port, argv_list, codes_dir, tool="train_val"):
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    from tools import train_val
+    import importlib
 
+    module = importlib.import_module(f"tools.{tool}")
     for i, argv in enumerate(argv_list):
-        code = train_val.main(argv)
+        code = module.main(argv)
         with open(os.path.join(codes_dir, f"{rank}_{i}"), "w") as f:
             f.write(str(code))
         if code:
@@ -69,3 +70,34 @@ def test_two_process_training_and_evaluation_match_single_process(tmp_path):
         expected = list(csv.DictReader(f))
     files = [r["file"] for r in rows]
     assert len(files) == len(set(files)) == len(expected)  # each test image exactly once
+
+
+def test_train_unified_under_two_processes_writes_one_run_with_the_same_metrics(tmp_path):
+    """torchrun with train_unified.py: one run folder (rank 0 names it, every rank uses it),
+    one log, and the two-process evaluation equals a single-process one of the checkpoint."""
+    from tools import train_unified
+
+    cfg = make_config(tmp_path, epochs=2, val_freq=2)
+    common = ["--config", str(cfg), "--no_progress", "--device", "cpu"]
+    codes = tmp_path / "codes"
+    codes.mkdir()
+    mp.spawn(_worker, args=(2, _free_port(), [common, common + ["--evaluate"]], str(codes),
+                            "train_unified"), nprocs=2, join=True)
+    assert sorted(p.read_text() for p in codes.iterdir()) == ["0"] * 4
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, runs  # not one folder per process
+    run = runs[0]
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    log = (run / "log.txt").read_text()
+    assert log.count("epoch 2/2 loss") == 1  # rank 0 alone writes
+    two = sorted((run / "evaluations").iterdir())
+    assert len(two) == 1
+    assert train_unified.main(["--work_dir", str(run), "--evaluate", "--no_progress",
+                               "--device", "cpu"]) == 0
+    one = sorted((run / "evaluations").iterdir())[-1]
+    a = json.loads((two[0] / "results.json").read_text())
+    b = json.loads((one / "results.json").read_text())
+    for cls, values in b["per_class"].items():
+        for key, value in values.items():
+            if value is not None:
+                assert a["per_class"][cls][key] == pytest.approx(value, abs=1e-6), (cls, key)

@@ -64,6 +64,19 @@ def apply_device_args(args):
     return resolve_device(getattr(args, "device", None))
 
 
+def launch(fn, args):
+    """Run ``fn(args, device)`` as one process, or as one rank of ``torchrun`` (detectron2's
+    ``launch()``): the process group starts here, every rank gets its device, and it is shut
+    down however ``fn`` ends. Every training tool goes through this."""
+    from utils import distributed as du
+
+    device = du.init_distributed(apply_device_args(args))
+    try:
+        return fn(args, device)
+    finally:
+        du.shutdown()
+
+
 def add_trust_arg(p):
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="open a checkpoint that holds more than tensors and plain data (an "
@@ -205,8 +218,12 @@ def plan_new_run(args, tool, classes=None, class_name=None, setting=None, work_d
     if not getattr(args, "config", None):
         raise RunRecordError("--config is required to start a run (--resume/--evaluate "
                              "continue or score an existing one from --work_dir)")
+    from utils import distributed as du
+
     cfg = load_cfg(args, classes)
-    work_dir = Path(work_dir or args.work_dir or default_work_dir(args.config, False))
+    # rank 0 names the folder (a timestamp), every rank uses that name
+    work_dir = Path(du.broadcast_object(
+        work_dir or args.work_dir or default_work_dir(args.config, False)))
     if has_checkpoint(work_dir):
         raise RunRecordError(f"{work_dir} already holds a run (checkpoints/); continue it with "
                              f"--work_dir {work_dir} --resume, or pass another --work_dir")
@@ -254,7 +271,9 @@ def plan_existing_run(args, tool, action, classes=None, class_name=None, work_di
     from utils.config import apply_overrides, validate_config
     from utils.run_record import (RunRecordError, config_diff, format_changes, read_record)
 
-    work_dir = Path(work_dir) if work_dir else locate_existing_run(args, action)
+    from utils import distributed as du
+
+    work_dir = Path(du.broadcast_object(work_dir or locate_existing_run(args, action)))
     if not work_dir.is_dir():
         raise RunRecordError(f"--work_dir {work_dir} does not exist; {action} needs an "
                              f"existing run folder (nothing was created)")
@@ -294,8 +313,10 @@ def plan_existing_run(args, tool, action, classes=None, class_name=None, work_di
 
 def evaluation_dir(run_dir, checkpoint):
     """Re-evaluations never touch the training run's results: each gets its own folder."""
-    return unique_dir(Path(run_dir) / "evaluations" /
-                      f"{Path(checkpoint).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from utils import distributed as du
+
+    return du.broadcast_object(unique_dir(
+        Path(run_dir) / "evaluations" / f"{Path(checkpoint).stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
 def unique_dir(path):

@@ -161,16 +161,26 @@ def main(argv=None):
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    work_dir = Path(args.work_dir) if args.work_dir else (
-        Path(args.config).resolve().parent / "runs" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
-    from tools._common import apply_device_args
+    from tools._common import launch
 
     try:
-        device = apply_device_args(args)
-    except (ValueError, RuntimeError) as exc:
+        return launch(lambda a, device: sweep(a, grid, device), args)
+    except (ValueError, RuntimeError) as exc:  # --device/--threads
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    work_dir.mkdir(parents=True, exist_ok=True)
+
+
+def sweep(args, grid, device):
+    """Every cell in turn; under torchrun each cell trains on every rank and rank 0 alone
+    writes the comparison."""
+    from tools._common import unique_dir
+    from utils import distributed as du
+
+    main_rank = du.is_main()
+    work_dir = Path(du.broadcast_object(Path(args.work_dir) if args.work_dir else unique_dir(
+        Path(args.config).resolve().parent / "runs" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")))
+    if main_rank:
+        work_dir.mkdir(parents=True, exist_ok=True)
     labels = cell_names(grid)
     cells = []
     combos = list(itertools.product(*[v for _, v in grid]))
@@ -179,7 +189,9 @@ def main(argv=None):
         name = "__".join(f"{_safe(lab)}={_safe(v)}" for lab, v in zip(labels, combo))
         cell = {"name": name, "values": values, "work_dir": str(work_dir / name),
                 "overrides": [f"{k}={v}" for k, v in values.items()]}
-        print(f"[sweep] cell {i + 1}/{len(combos)}: {' '.join(cell['overrides'])}", flush=True)
+        if main_rank:
+            print(f"[sweep] cell {i + 1}/{len(combos)}: {' '.join(cell['overrides'])}",
+                  flush=True)
         t0 = time.time()
         try:
             results, key_metric = run_cell(args, cell["overrides"], work_dir / name, device)
@@ -191,16 +203,21 @@ def main(argv=None):
             raise
         except Exception as exc:  # a failing cell must not end the sweep
             cell.update(status="failed", error=f"{type(exc).__name__}: {exc}".strip())
-            (work_dir / name).mkdir(parents=True, exist_ok=True)
-            (work_dir / name / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
-            print(f"[sweep] cell {name} failed: {cell['error']}", file=sys.stderr, flush=True)
+            if main_rank:
+                (work_dir / name).mkdir(parents=True, exist_ok=True)
+                (work_dir / name / "error.txt").write_text(traceback.format_exc(),
+                                                           encoding="utf-8")
+                print(f"[sweep] cell {name} failed: {cell['error']}", file=sys.stderr,
+                      flush=True)
         cell["seconds"] = round(time.time() - t0, 1)
         cells.append(cell)
-        write_report(work_dir, args, grid, cells)
-    print((work_dir / "sweep.md").read_text(encoding="utf-8"))
+        if main_rank:
+            write_report(work_dir, args, grid, cells)
     n_failed = sum(c["status"] == "failed" for c in cells)
-    if n_failed:
-        print(f"[sweep] {n_failed} of {len(cells)} cells failed", file=sys.stderr)
+    if main_rank:
+        print((work_dir / "sweep.md").read_text(encoding="utf-8"))
+        if n_failed:
+            print(f"[sweep] {n_failed} of {len(cells)} cells failed", file=sys.stderr)
     return 1 if n_failed else 0
 
 

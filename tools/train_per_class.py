@@ -60,17 +60,22 @@ def class_record(record, cls):
 
 
 def run(args):
-    from tools._common import (apply_device_args, dataset_classes, evaluation_dir,
-                               plan_existing_run, plan_new_run)
+    from tools._common import launch
+
+    if args.vis and not args.evaluate:
+        raise ValueError("--vis draws the panels of an evaluation: use it with --evaluate")
+    return launch(_run, args)
+
+
+def _run(args, device):
+    from tools._common import dataset_classes, evaluation_dir, plan_existing_run, plan_new_run
+    from utils import distributed as du
     from utils.config import save_config
     from utils.logger import setup_logger
     from utils.results import protocol_line, results_table, write_results
     from utils.run_record import history_entry, write_record
     from utils.trainer import Trainer
 
-    if args.vis and not args.evaluate:
-        raise ValueError("--vis draws the panels of an evaluation: use it with --evaluate")
-    device = apply_device_args(args)
     if args.evaluate or args.resume:
         action = "--evaluate" if args.evaluate else "--resume"
         plan = plan_existing_run(args, "train_per_class", action)
@@ -87,14 +92,16 @@ def run(args):
         plan.record["classes"] = classes
     work_dir, cfg = plan.work_dir, plan.cfg
     out_dir = evaluation_dir(work_dir, "per-class") if args.evaluate else work_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not args.evaluate:
+    main = du.is_main()  # under torchrun rank 0 alone writes the sweep's own files
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if main and not args.evaluate:
         if plan.changes:
             plan.record.setdefault("history", []).append(
                 history_entry("resume", plan.changes, sys.argv))
         write_record(work_dir, plan.record)
         save_config(cfg, work_dir / "config.yaml")
-    log = setup_logger(out_dir / "log.txt")
+    log = setup_logger(out_dir / "log.txt" if main else None, rank=du.rank())
     log.info(f"per-class sweep over {len(classes)} classes: {', '.join(classes)} -> {out_dir}")
     results, seconds = {}, {}
     for i, cls in enumerate(classes, 1):
@@ -122,9 +129,11 @@ def run(args):
         if res is None:
             raise ValueError(f"class '{cls}' produced no evaluation (trainer.max_epoch 0?)")
         results[cls], seconds[cls] = res, time.time() - t0
-        log = setup_logger(out_dir / "log.txt")  # the class's Trainer took the logger over
+        # the class's Trainer took the logger over
+        log = setup_logger(out_dir / "log.txt" if main else None, rank=du.rank())
     combined = combine(results, classes, seconds)
-    write_results(combined, out_dir)
+    if main:
+        write_results(combined, out_dir)
     log.info(f"per-class results\n{protocol_line(combined['protocol'])}\n" +
              results_table(combined, fmt="simple"))
     return 0

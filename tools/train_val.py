@@ -17,8 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools._common import (add_config_arg, add_data_args, add_run_args,  # noqa: E402
-                           default_work_dir, run_main)
+from tools._common import add_config_arg, add_data_args, add_run_args, run_main  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -46,23 +45,17 @@ def main(argv=None):
 
 
 def run(args, tool="train_val", classes=None):
-    from utils import distributed as du
-    from tools._common import apply_device_args
+    from tools._common import launch
 
     if args.vis and not args.evaluate:
         raise ValueError("--vis draws the panels of an evaluation: use it with --evaluate")
     if args.evaluate and args.resume:
         raise ValueError("--evaluate and --resume exclude each other")
-    device = du.init_distributed(apply_device_args(args))
-    try:
-        return _run(args, device, tool, classes)
-    finally:
-        du.shutdown()
+    return launch(lambda a, device: _run(a, device, tool, classes), args)
 
 
 def plan(args, tool, classes=None):
-    """The run to open, the same on every rank (rank 0 decides, the others receive it)."""
-    from utils import distributed as du
+    """The run to open: a new one, or the existing run folder (the same on every rank)."""
     from tools._common import plan_existing_run, plan_new_run
 
     if args.evaluate or args.resume:
@@ -70,14 +63,9 @@ def plan(args, tool, classes=None):
         work_dir = args.work_dir
         if args.evaluate and args.checkpoint and not work_dir:
             work_dir = run_dir_of_checkpoint(args.checkpoint)
-        work_dir = du.broadcast_object(work_dir if work_dir or not args.config
-                                       else default_work_dir(args.config, pick_latest=True))
         return plan_existing_run(args, tool, action, classes=classes,
                                  class_name=args.class_name, work_dir=work_dir)
-    work_dir = du.broadcast_object(args.work_dir or default_work_dir(args.config, False)) \
-        if getattr(args, "config", None) else args.work_dir
-    return plan_new_run(args, tool, classes=classes, class_name=args.class_name,
-                        work_dir=work_dir)
+    return plan_new_run(args, tool, classes=classes, class_name=args.class_name)
 
 
 def run_dir_of_checkpoint(checkpoint):
@@ -95,7 +83,6 @@ def run_dir_of_checkpoint(checkpoint):
 
 
 def _run(args, device, tool, classes=None):
-    from utils import distributed as du
     from tools._common import evaluation_dir
     from utils.trainer import Trainer
 
@@ -105,7 +92,7 @@ def _run(args, device, tool, classes=None):
     if args.evaluate:
         ckpt = Path(args.checkpoint) if args.checkpoint else \
             p.work_dir / "checkpoints" / "last.pth"
-        out = du.broadcast_object(evaluation_dir(p.work_dir, ckpt))
+        out = evaluation_dir(p.work_dir, ckpt)
         trainer = Trainer(p.cfg, out, device, class_name=class_name, progress=progress,
                           record=p.record, changes=p.changes)
         trainer.evaluate(ckpt, vis=args.vis, trusted=args.trust_checkpoint,
