@@ -280,3 +280,19 @@ def test_every_readme_evaluate_command_runs_as_written(runs):
         if "--resume" in args:
             continue  # a finished run: --resume has nothing left to do (covered above)
         assert main(name, args) == 0, f"{path.name}: {argv}"
+
+
+def test_results_report_the_final_epoch_and_label_the_best_one(tmp_path):
+    cfg = write_cfg(tmp_path / "cfg.yaml", epochs=3)  # evaluated after every epoch
+    run = tmp_path / "run"
+    assert main("train_val", ["--config", str(cfg), "--work_dir", str(run)]) == 0
+    res = json.loads((run / "results.json").read_text())
+    assert res["epoch"] == 3 and res["protocol"]["reported"] == "final epoch (3)"
+    best = res["best_on_test_set"]
+    assert 1 <= best["epoch"] <= 3 and "selected on the test set" in best["note"]
+    assert set(best["mean"]) == set(res["mean"])
+    # the reported figures are those of the final weights (last.pth), not best.pth's
+    assert main("train_val", ["--work_dir", str(run), "--evaluate"]) == 0
+    assert_same_metrics(res, json.loads((newest_evaluation(run) / "results.json").read_text()))
+    assert torch.load(run / "checkpoints" / "best.pth", weights_only=True)["epoch"] == \
+        best["epoch"]
