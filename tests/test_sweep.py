@@ -72,6 +72,18 @@ def test_two_cell_sweep_writes_one_table(tmp_path):
     for row, c in zip(rows, cells):
         assert float(row.split("|")[col]) == pytest.approx(100 * c["mean"]["pixel_auroc"],
                                                            abs=0.006)
+    # a cell's folder is a run of its own: evaluated from it alone, same figures
+    from tools import train_val
+
+    cell = work / cells[1]["name"]
+    assert train_val.main(["--work_dir", str(cell), "--evaluate", "--device", "cpu",
+                           "--no_progress"]) == 0
+    again = json.loads((sorted((cell / "evaluations").iterdir())[-1] /
+                        "results.json").read_text())
+    for key, value in cells[1]["mean"].items():
+        if value is not None:
+            assert again["mean"][key] == pytest.approx(value, abs=1e-6), key
+    assert json.loads((cell / "run.json").read_text())["tool"] == "sweep"
 
 
 @pytest.mark.slow
