@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.chunked_attention import attention_dropout
-from models.fast_dropout import FastDropout, fast_dropout, keep_mask, splitmix64, uniform16
+from models.layers.chunked_attention import attention_dropout
+from models.layers.fast_dropout import FastDropout, fast_dropout, keep_mask, splitmix64, uniform16
 from models.reconstructions.transformer import MultiheadAttention, TransformerDecoderLayer
 
 

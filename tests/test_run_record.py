@@ -144,7 +144,7 @@ def test_resume_from_the_run_folder_is_exact_and_extension_is_an_override(
     # after epoch 4 (in the log) it was where a 5-epoch plan puts it
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
     lr4 = 1e-3 * (1 + math.cos(math.pi * 4 / 5)) / 2
-    assert f"epoch 4/5 loss" in (part / "log.txt").read_text()
+    assert "epoch 4/5 loss" in (part / "log.txt").read_text()
     assert re.search(rf"epoch 4/5 loss \S+ lr {lr4:.2e}", (part / "log.txt").read_text())
     record = json.loads((part / "run.json").read_text())
     change = record["history"][-1]

@@ -16,9 +16,7 @@ banks) are filled from random images first.
 """
 import argparse
 import json
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,36 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
+from tools._bench import PeakRSS, sync  # noqa: E402
 from tools._common import add_device_args  # noqa: E402
-
-
-class PeakRSS:
-    """Peak resident memory of this process during a block (sampled from /proc)."""
-
-    def __enter__(self):
-        self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _rss(self):
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            import resource
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def _watch(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
 
 
 def matmul_flops_per_s(device, dtype, n=1024, repeat=5):
@@ -69,11 +39,6 @@ def matmul_flops_per_s(device, dtype, n=1024, repeat=5):
         a @ b
     sync(device)
     return 2 * n ** 3 * repeat / (time.perf_counter() - t)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def count_flops(fn):

@@ -12,45 +12,15 @@ evenly spaced training images only.
 """
 import argparse
 import json
-import os
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tools._bench import PeakRSS  # noqa: E402
 from tools._common import add_data_args, add_device_args, apply_device_args, load_cfg  # noqa: E402,E501
-
-
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-class PeakRSS:
-    """Highest resident set size seen while the block runs (a sampling thread)."""
-
-    def __init__(self, interval=0.02):
-        self.interval, self.peak, self._stop = interval, 0.0, threading.Event()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.start = rss_mb()
-        self.peak = self.start
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mb())
 
 
 def main(argv=None):
@@ -107,8 +77,8 @@ def main(argv=None):
         "build_seconds": build_s, "normal_bank": info["normal_bank"],
         "abnormal_bank": info["abnormal_bank"], "feature_dim": head.dim,
         "bank_mb": head.bank_nbytes() / 2 ** 20, "bank_memory_cap_mb": head.bank_memory_mb,
-        "rss_before_mb": mem.start, "rss_peak_mb": mem.peak,
-        "rss_growth_mb": mem.peak - mem.start, "build_info": info,
+        "rss_before_mb": mem.start_mb, "rss_peak_mb": mem.peak_mb,
+        "rss_growth_mb": mem.peak_mb - mem.start_mb, "build_info": info,
     }
     if device.type == "cuda":
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -133,8 +103,8 @@ def main(argv=None):
     print(f"DMAD banks from {len(records)} images ({', '.join(classes)}) on {device}: "
           f"{build_s:.1f} s; normal bank {result['normal_bank']} + abnormal bank "
           f"{result['abnormal_bank']} memories x {head.dim} dims = {result['bank_mb']:.2f} MB "
-          f"(cap {head.bank_memory_mb:g} MB); RSS peak {mem.peak:.0f} MB "
-          f"(+{mem.peak - mem.start:.0f} MB during the build)"
+          f"(cap {head.bank_memory_mb:g} MB); RSS peak {mem.peak_mb:.0f} MB "
+          f"(+{mem.peak_mb - mem.start_mb:.0f} MB during the build)"
           + (f"; CUDA peak {result['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in result else "")
           + (f"; inference {result['inference_img_per_s']:.2f} img/s"
              if result.get("inference_img_per_s") else ""))

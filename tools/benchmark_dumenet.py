@@ -25,13 +25,13 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from tools._bench import sync, timed  # noqa: E402
 from tools._common import add_device_args, apply_device_args  # noqa: E402
 from utils.misc import resolve_device  # noqa: E402
 
@@ -67,11 +67,6 @@ def build(variant, size, hidden, device):
     return model, opt
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def train_step(model, opt, image):
     model.train()
     out = model({"image": image})
@@ -85,16 +80,6 @@ def eval_step(model, image):
     model.eval()
     with torch.inference_mode():
         model({"image": image})
-
-
-def timed(fn, steps, device):
-    """(wall seconds, process CPU seconds): CPU time is the steadier figure on a shared CPU."""
-    sync(device)
-    t, c = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        fn()
-    sync(device)
-    return time.perf_counter() - t, time.process_time() - c
 
 
 def _status_mb(field):

@@ -5,7 +5,7 @@ with the neighbour mask built once as a buffer. Parameter names match ``nn.Multi
 (``in_proj_weight``, ``in_proj_bias``, ``out_proj``) so UniAD checkpoints load unchanged.
 
 In training on CPU, dropout (of activations and of attention weights) draws its masks with
-:mod:`models.fast_dropout`, and the attention runs through :mod:`models.chunked_attention`
+:mod:`models.layers.fast_dropout`, and the attention runs through :mod:`models.layers.chunked_attention`
 (softmax, dropout and the two batched matmuls a few heads at a time, in cache) instead of SDPA's
 math path (which draws with ``bernoulli_`` and makes every (B*H, L, L) map in main memory);
 evaluation and dropout-free training use SDPA.
@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.chunked_attention import attention_dropout
-from models.fast_dropout import FastDropout, relu_dropout_
+from models.layers.chunked_attention import attention_dropout
+from models.layers.fast_dropout import FastDropout, relu_dropout_
 
 
 def neighbor_mask_loops(feature_size, neighbor_size):
@@ -92,7 +92,7 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, lq, c))
 
     def _attend_fast_dropout(self, q, k, v, attn_mask):
-        """SDPA's math with the dropout of :mod:`models.chunked_attention`; (B, H, L, D) in
+        """SDPA's math with the dropout of :mod:`models.layers.chunked_attention`; (B, H, L, D) in
         and out."""
         b, h, lq, d = q.shape
         additive = None

@@ -6,12 +6,12 @@ gradients). At UniAD's size (64 x 196 x 196 floats, 9.8 MB per map) each of thos
 streams from main memory, and together they cost more than the two matmuls. Here the maps are
 made and consumed a chunk of heads at a time (about 2 MiB, so they stay in cache); only the
 softmax output and the 0/1 keep mask are kept for the backward pass. Each chunk's mask is what
-:func:`models.fast_dropout.keep_mask` draws for that chunk's shape (one seed per chunk), and
+:func:`models.layers.fast_dropout.keep_mask` draws for that chunk's shape (one seed per chunk), and
 the weights are scaled by ``keep_scale(p)`` through V, as the unchunked formula would.
 """
 import torch
 
-from models.fast_dropout import keep_scale, threshold, uniform16
+from models.layers.fast_dropout import keep_scale, threshold, uniform16
 
 _CHUNK_BYTES = 2 ** 21
 
