@@ -36,6 +36,14 @@ def make_mvtec(root, classes=("bottle", "tile"), n_train=4, defects=("crack", "s
     return root
 
 
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch):
+    """Every test's manifest cache in tmp: nothing goes to ~/.cache."""
+    folder = tmp_path / "user_cache"
+    monkeypatch.setenv("DUALMEM_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture
 def mvtec_tree(tmp_path):
     return make_mvtec(tmp_path / "mvtec")
@@ -49,11 +57,14 @@ def run_cli(argv, capsys):
 
 # ----------------------------------------------------------------------------- MVTec
 
-def test_mvtec_cli_counts_fields_and_default_out(mvtec_tree, capsys):
+def test_mvtec_cli_counts_fields_and_default_out(mvtec_tree, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     code, out, _ = run_cli(["mvtec", "--root", str(mvtec_tree)], capsys)
     assert code == 0
-    train = read_manifest(mvtec_tree / "train.json")
-    test = read_manifest(mvtec_tree / "test.json")
+    default = tmp_path / "data" / "manifests" / "mvtec"  # never the dataset folder
+    train = read_manifest(default / "train.json")
+    test = read_manifest(default / "test.json")
+    assert not (mvtec_tree / "train.json").exists()
     assert len(train) == 8 and len(test) == 2 * (2 + 2 * 2)
     assert sum("maskname" in r for r in test) == 8
     for r in train + test:
@@ -62,7 +73,8 @@ def test_mvtec_cli_counts_fields_and_default_out(mvtec_tree, capsys):
         if r["label"]:
             assert r["maskname"].replace("ground_truth", "test").replace("_mask", "") == \
                 r["filename"]
-    assert "bottle" in out and "with mask" in out and str(mvtec_tree / "train.json") in out
+    assert "bottle" in out and "with mask" in out and str(default / "train.json") in out
+    assert f"image_dir: {mvtec_tree}" in out
 
 
 def test_mvtec_subset_of_classes_and_out_dir(mvtec_tree, tmp_path, capsys):
@@ -162,9 +174,10 @@ def make_visa_release(root, classes=("candle", "pcb1")):
 
 def test_visa_release_csv(tmp_path, capsys):
     root = make_visa_release(tmp_path / "VisA")
-    code, _, _ = run_cli(["visa", "--root", str(root)], capsys)
+    out = tmp_path / "m"
+    code, _, _ = run_cli(["visa", "--root", str(root), "--out", str(out)], capsys)
     assert code == 0
-    train, test = read_manifest(root / "train.json"), read_manifest(root / "test.json")
+    train, test = read_manifest(out / "train.json"), read_manifest(out / "test.json")
     assert len(train) == 6 and len(test) == 6
     assert {r["clsname"] for r in train} == {"candle", "pcb1"}
     anom = [r for r in test if r["label"] == 1]
@@ -308,12 +321,15 @@ def make_folder(root, n_good=10, n_bad=3, masks=True):
     return root
 
 
-def test_folder_split_masks_and_class_name(tmp_path, capsys):
+def test_folder_split_masks_and_class_name(tmp_path, monkeypatch, capsys):
     root = make_folder(tmp_path / "screws")
+    monkeypatch.chdir(tmp_path)
     code, _, _ = run_cli(["folder", "--good", str(root / "good"), "--bad", str(root / "bad"),
                           "--masks", str(root / "masks"), "--test-split", "0.3"], capsys)
     assert code == 0
-    train, test = read_manifest(root / "train.json"), read_manifest(root / "test.json")
+    out = tmp_path / "data" / "manifests" / "folder"
+    assert not (root / "train.json").exists()
+    train, test = read_manifest(out / "train.json"), read_manifest(out / "test.json")
     assert len(train) == 7 and len(test) == 3 + 3
     assert {r["clsname"] for r in train + test} == {"screws"}
     assert {r["filename"] for r in train}.isdisjoint(r["filename"] for r in test)
@@ -378,39 +394,28 @@ def test_ader_meta(mvtec_tree, capsys):
 
 # ----------------------------------------------------------------------------- cache
 
-def test_cache_in_writable_root_reused_and_invalidated(mvtec_tree, monkeypatch):
+def test_cache_in_user_cache_reused_and_invalidated(mvtec_tree, user_cache, monkeypatch):
     m = cache_mod.prepare_one("mvtec", mvtec_tree)
-    assert m.train.startswith(str(mvtec_tree / ".dualmem")) and m.image_dir == str(mvtec_tree)
+    assert m.train.startswith(str(user_cache / "manifests" / "mvtec-"))
+    assert m.image_dir == str(mvtec_tree) and not (mvtec_tree / ".dualmem").exists()
     assert len(read_manifest(m.train)) == 8
 
     def boom(*a, **k):
         raise AssertionError("rebuilt although nothing changed")
 
-    monkeypatch.setattr(cache_mod, "build_source", boom)
-    assert cache_mod.prepare_one("mvtec", mvtec_tree) == m
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(cache_mod, "build_source", boom)
+        assert cache_mod.prepare_one("mvtec", mvtec_tree) == m
     png(mvtec_tree / "tile" / "train" / "good" / "new.png", 10)
     m2 = cache_mod.prepare_one("mvtec", mvtec_tree)
     assert m2.train == m.train and len(read_manifest(m2.train)) == 9
 
 
-def test_cache_read_only_root_goes_to_repo_data(mvtec_tree, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_mod, "REPO_ROOT", tmp_path / "repo")
-    os.chmod(mvtec_tree, 0o555)
-    try:
-        m = cache_mod.prepare_one("mvtec", mvtec_tree, classes=["bottle"])
-    finally:
-        os.chmod(mvtec_tree, 0o755)
-    assert m.train.startswith(str(tmp_path / "repo" / "data" / "manifests"))
-    assert not (mvtec_tree / ".dualmem").exists()
-    assert {r["clsname"] for r in read_manifest(m.test)} == {"bottle"}
-
-
-def test_several_roots_merge_with_absolute_paths(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_mod, "REPO_ROOT", tmp_path / "repo")
+def test_several_roots_merge_with_absolute_paths(tmp_path, user_cache):
     a = make_mvtec(tmp_path / "a", classes=("bottle",))
     b = make_mvtec(tmp_path / "b", classes=("pcb",), n_train=2)
     m = cache_mod.prepare_manifests("mvtec", [a, b])
+    assert m.train.startswith(str(user_cache / "manifests" / "merged-"))
     train = read_manifest(m.train)
     assert m.image_dir is None and len(train) == 6
     assert all(os.path.isabs(r["filename"]) and os.path.isfile(r["filename"]) for r in train)
@@ -441,3 +446,132 @@ def test_locate_manifests_from_config(mvtec_tree, tmp_path):
     cfg.dataset.type, cfg.dataset.data_root = "mvtec", None
     with pytest.raises(ValueError, match=r"dataset.train.meta_file.*--data_root"):
         locate_manifests(cfg)
+
+
+# ----------------------------------------------------------------------------- read-only data
+
+def tree_state(root):
+    """Every path under ``root`` (itself included, dot files too) with its type, size, mtime."""
+    import stat
+
+    state = {}
+    for p in [root, *root.rglob("*")]:
+        st = p.lstat()
+        state[str(p.relative_to(root))] = (stat.S_IFMT(st.st_mode), st.st_size,
+                                           st.st_mtime_ns)
+    return state
+
+
+def prepare_like_the_tools(roots, classes=None, data_type="mvtec"):
+    """What train_val / train_unified / train_per_class do with --data_root."""
+    from datasets.builder import locate_manifests
+    from tools._common import apply_data_args
+
+    cfg = EasyDict({"config_path": None, "dataset": {"type": "explicit"}})
+    apply_data_args(cfg, [str(r) for r in roots], data_type)
+    return locate_manifests(cfg, classes)
+
+
+def test_data_root_preparation_never_writes_the_dataset(tmp_path, user_cache, monkeypatch,
+                                                        capsys):
+    a = make_mvtec(tmp_path / "a")
+    b = make_mvtec(tmp_path / "b", classes=("pcb",))
+    before = {r: tree_state(r) for r in (a, b)}
+    train, test, image_dir = prepare_like_the_tools([a])
+    assert image_dir == str(a) and len(read_manifest(train)) == 8
+    assert train.startswith(str(user_cache)) and test.startswith(str(user_cache))
+    prepare_like_the_tools([a], classes=["tile"])
+    prepare_like_the_tools([a, b])  # the merged manifest too
+    monkeypatch.chdir(tmp_path)  # the CLI's default output
+    assert run_cli(["mvtec", "--root", str(a)], capsys)[0] == 0
+    assert {r: tree_state(r) for r in (a, b)} == before
+
+
+def test_second_run_hits_the_cache_and_roots_never_share_an_entry(tmp_path, user_cache):
+    import shutil
+
+    a = make_mvtec(tmp_path / "a")
+    first = prepare_like_the_tools([a])
+    entry = os.path.dirname(first[0])
+    stamps = {n: os.stat(os.path.join(entry, n)).st_mtime_ns
+              for n in ("train.json", "test.json", "source.json")}
+    calls = []
+    real = cache_mod.build_source
+    cache_mod.build_source = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        assert prepare_like_the_tools([a]) == first
+        assert calls == []  # nothing rebuilt, nothing rewritten
+        assert {n: os.stat(os.path.join(entry, n)).st_mtime_ns for n in stamps} == stamps
+        shutil.copytree(a, tmp_path / "copy")  # same layout, same files, another root
+        other = prepare_like_the_tools([tmp_path / "copy"])
+        assert calls == [1]
+    finally:
+        cache_mod.build_source = real
+    assert os.path.dirname(other[0]) != entry and other[2] == str(tmp_path / "copy")
+    assert len(list((user_cache / "manifests").glob("mvtec-*"))) == 2
+    assert all(r["filename"] for r in read_manifest(other[0]))
+
+
+def test_user_cache_folder_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUALMEM_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_mod.user_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("DUALMEM_CACHE_DIR")
+    assert cache_mod.user_cache_dir() == tmp_path / "xdg" / "dualmem"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_mod.user_cache_dir() == tmp_path / "home" / ".cache" / "dualmem"
+
+
+@pytest.mark.parametrize("where", ["unwritable", "inside_data"])
+def test_unusable_cache_falls_back_to_a_temp_folder_with_one_warning(tmp_path, monkeypatch,
+                                                                     caplog, where):
+    a = make_mvtec(tmp_path / "a")
+    if where == "unwritable":  # under a plain file: not creatable, even for root
+        (tmp_path / "file").write_text("x")
+        monkeypatch.setenv("DUALMEM_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    else:
+        monkeypatch.setenv("DUALMEM_CACHE_DIR", str(a / ".cache"))
+    monkeypatch.setattr(cache_mod, "_WARNED", set())
+    before = tree_state(a)
+    with caplog.at_level("WARNING", logger="dualmem"):
+        train, _, image_dir = prepare_like_the_tools([a])
+        again = prepare_like_the_tools([a])
+    assert tree_state(a) == before
+    assert train.startswith(str(cache_mod._temp_base())) and again[0] == train
+    assert image_dir == str(a) and len(read_manifest(train)) == 8
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "for this run only" in warnings[0] and "DUALMEM_CACHE_DIR" in warnings[0]
+
+
+def test_cli_default_out_inside_the_dataset_is_refused(mvtec_tree, monkeypatch, capsys):
+    before = tree_state(mvtec_tree)
+    monkeypatch.chdir(mvtec_tree)
+    code, _, err = run_cli(["mvtec", "--root", str(mvtec_tree)], capsys)
+    assert code == 2 and "--out" in err and "inside the dataset folder" in err
+    assert tree_state(mvtec_tree) == before
+
+
+@pytest.mark.slow
+def test_train_val_with_data_root_leaves_the_dataset_untouched(tmp_path, user_cache):
+    import yaml
+
+    from conftest import ROOT, tiny_net
+    from tools import train_val
+
+    root = make_mvtec(tmp_path / "mvtec", classes=("bottle",), n_train=2, defects=("crack",),
+                      n_defect=1, n_good=1, size=(64, 64))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "_base_": str(ROOT / "configs" / "runtime.yaml"), "random_seed": 1,
+        "dataset": {"type": "mvtec", "input_size": [64, 64], "batch_size": 2, "workers": 0},
+        "trainer": {"max_epoch": 1, "val_freq_epoch": 1,
+                    "optimizer": {"type": "AdamW", "kwargs": {"lr": 1e-3}},
+                    "lr_scheduler": None},
+        "net": tiny_net()}))
+    before = tree_state(root)
+    assert train_val.main(["--config", str(cfg), "--data_root", str(root), "--work_dir",
+                           str(tmp_path / "run"), "--device", "cpu", "--no_progress"]) == 0
+    assert tree_state(root) == before
+    assert list((user_cache / "manifests").glob("mvtec-*/train.json"))

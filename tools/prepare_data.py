@@ -6,8 +6,12 @@
     python tools/prepare_data.py folder  --good G [--bad B] [--masks M] [--test-split 0.2]
     python tools/prepare_data.py ader    --meta DATA/mvtec/meta.json
 
-Manifest paths are relative to the printed image_dir; --out defaults to that folder. Training
-tools can skip this step: ``--data_root DIR`` prepares and caches the same manifests.
+Manifest paths are relative to the printed image_dir. Dataset folders are never written to by
+default: --out defaults to ./data/manifests/<SOURCE> (relative to the current folder; an error
+if that lies inside the dataset); an explicit --out is written wherever it points. CIFAR-10
+pickles are exported as PNG files to <out>/cifar10_png. Training tools can skip this step:
+``--data_root DIR`` prepares the same manifests and caches them in $DUALMEM_CACHE_DIR (else
+$XDG_CACHE_HOME/dualmem, else ~/.cache/dualmem).
 """
 import argparse
 import sys
@@ -23,7 +27,8 @@ def parse_args(argv=None):
 
     def common(sp, classes=True):
         sp.add_argument("--out", default=None,
-                        help="folder for train.json/test.json (default: the image root)")
+                        help="folder for train.json/test.json (default: "
+                             "./data/manifests/SOURCE; never the dataset folder)")
         sp.add_argument("--no-check", dest="check", action="store_false",
                         help="skip opening every image/mask header (faster, less safe)")
         if classes:
@@ -76,10 +81,38 @@ def build(args):
         from datasets.prepare.cifar10 import find_layout
 
         kind, _ = find_layout(args.root)
-        export = Path(args.out or args.root) / "cifar10_png" if kind == "pickle" else None
+        export = Path(args.out) / "cifar10_png" if kind == "pickle" else None
         return build_source("cifar10", args.root, export_dir=export, normal_classes=normal,
                             seed=args.seed)
     return build_source(args.source, args.root, classes=args.classes)
+
+
+DEFAULT_OUT = Path("data") / "manifests"
+
+
+def data_folders(args):
+    """The folders the user named as data (resolved): a default --out must not lie there."""
+    folders = []
+    for key in ("root", "good", "bad", "masks", "meta"):
+        value = getattr(args, key, None)
+        if value:
+            path = Path(value).expanduser().resolve()
+            folders.append(path.parent if path.is_file() else path)
+    if args.source == "folder" and not args.root:  # the image root is the folders' parent
+        folders.append(Path(args.good).expanduser().resolve().parent)
+    return folders
+
+
+def default_out(args):
+    """./data/manifests/<source>, refused when that is inside a dataset folder."""
+    from datasets.prepare import PrepareError
+
+    out = (DEFAULT_OUT / args.source).resolve()
+    for folder in data_folders(args):
+        if out == folder or folder in out.parents:
+            raise PrepareError(f"the default output {out} is inside the dataset folder "
+                               f"{folder}, which is never written to by default; pass --out DIR")
+    return out
 
 
 def main(argv=None):
@@ -88,9 +121,11 @@ def main(argv=None):
                                   write_prepared)
 
     try:
+        args.out = str(Path(args.out).expanduser().resolve()) if args.out else \
+            str(default_out(args))
         prepared = build(args)
         check_records(prepared, check_files=args.check)
-        out = Path(args.out or prepared.image_dir).resolve()
+        out = Path(args.out)
         try:
             train, test = write_prepared(prepared, out)
         except OSError as exc:

@@ -1,12 +1,20 @@
 """Prepare manifests on the fly for ``dataset.data_root`` and cache them.
 
-The cache sits in ``<data_root>/.dualmem/<key>/`` when the data folder is writable, otherwise
-(read-only shares, e.g. /work/shared/data) in ``<repo>/data/manifests/<key>/``; ``key`` hashes
-source, root, classes and options. A stat fingerprint of the source (folder mtimes, split
-files) is stored with it; when it changes, the manifests are rebuilt and re-checked.
+A dataset folder is never written to. The cache sits in the user cache folder:
+``$DUALMEM_CACHE_DIR``, else ``$XDG_CACHE_HOME/dualmem``, else ``~/.cache/dualmem``, under
+``manifests/<source>-<key>/`` (or directly in ``dataset.cache_dir`` when a config names one);
+``key`` hashes the source, the resolved root, the classes and the options, so two roots never
+share an entry. A stat fingerprint of the source (folder mtimes, split files) is stored with it;
+when it changes, the manifests are rebuilt and re-checked. Files are written atomically (temp
+file + ``os.replace``). When the cache folder cannot be written (or lies inside a data root),
+one warning is logged and the manifests go to a temporary folder removed at exit.
 """
+import atexit
 import json
+import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +23,11 @@ from datasets.prepare import build_source, source_fingerprint
 from datasets.prepare.common import PrepareError, check_records, short_hash, summary, \
     write_prepared
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_VERSION = 1
 INFO_NAME = "source.json"
+CACHE_ENV = "DUALMEM_CACHE_DIR"
+_TEMP = {}  # the per-process fallback folder, created on first need
+_WARNED = set()
 
 
 @dataclass
@@ -27,22 +37,71 @@ class Manifests:
     image_dir: str  # None when filenames are absolute (several roots merged)
 
 
-def _writable(folder):
-    """Write permission in the mode bits too: root passes os.access on read-only shares."""
-    try:
-        st = folder.stat()
-    except OSError:
-        return False
-    return os.access(folder, os.W_OK) and bool(st.st_mode & 0o222)
+def user_cache_dir():
+    """``$DUALMEM_CACHE_DIR``, else ``$XDG_CACHE_HOME/dualmem``, else ``~/.cache/dualmem``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser().resolve()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return (Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "dualmem").resolve()
+    return (Path.home() / ".cache" / "dualmem").resolve()
 
 
-def cache_base(root, cache_dir=None):
+def cache_base(cache_dir=None):
+    """Where prepared manifests go: ``cache_dir`` when given, else the user cache folder."""
     if cache_dir:
-        return Path(cache_dir)
-    folder = root if root.is_dir() else root.parent
-    if _writable(folder):
-        return folder / ".dualmem"
-    return REPO_ROOT / "data" / "manifests"
+        return Path(cache_dir).expanduser().resolve()
+    return user_cache_dir() / "manifests"
+
+
+def _data_folder(root):
+    root = Path(root).resolve()
+    return root if root.is_dir() else root.parent  # an ADer meta.json names a file
+
+
+def _inside(path, folder):
+    path = Path(path).resolve()
+    return path == folder or folder in path.parents
+
+
+def _temp_base():
+    if "dir" not in _TEMP:
+        _TEMP["dir"] = Path(tempfile.mkdtemp(prefix="dualmem-manifests-"))
+        atexit.register(shutil.rmtree, _TEMP["dir"], True)
+    return _TEMP["dir"]
+
+
+def _probe(folder):
+    """Create ``folder`` and write (then remove) a file in it; OSError when that fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".probe-", dir=folder)
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def _fall_back(base, reason):
+    temp = _temp_base()
+    if str(base) not in _WARNED:
+        _WARNED.add(str(base))
+        logging.getLogger("dualmem").warning(
+            f"warning: manifest cache {base} {reason}; preparing in {temp} for this run only "
+            f"(set {CACHE_ENV} to a writable folder to keep the cache)")
+    return temp
+
+
+def writable_target(base, name, roots):
+    """(base, base/name) ready for writing, or the temporary folder's pair (with a one-line
+    warning) when ``base`` is not writable or lies inside a data root. Never a data root."""
+    folders = [_data_folder(r) for r in roots]
+    if any(_inside(base, f) for f in folders):
+        base = _fall_back(base, "is inside a data folder, which is never written to")
+    else:
+        try:
+            _probe(base / name)
+            return base, base / name
+        except OSError as exc:
+            base = _fall_back(base, f"cannot be written ({exc.strerror or exc})")
+    _probe(base / name)
+    return base, base / name
 
 
 def _read_info(path):
@@ -53,9 +112,28 @@ def _read_info(path):
 
 
 def _write_json(path, obj):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Atomically: a unique temp file in the same folder, then ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _cached(target, params, fingerprint):
+    info = _read_info(target / INFO_NAME)
+    if info and info.get("params") == params and info.get("fingerprint") == fingerprint \
+            and (target / "train.json").is_file() and (target / "test.json").is_file() \
+            and (not info.get("image_dir") or os.path.isdir(info["image_dir"])):
+        return Manifests(str(target / "train.json"), str(target / "test.json"),
+                         info["image_dir"])
+    return None
 
 
 def prepare_one(source, root, classes=None, options=None, cache_dir=None, check_files=True,
@@ -68,22 +146,18 @@ def prepare_one(source, root, classes=None, options=None, cache_dir=None, check_
     classes = sorted(classes) if classes else None
     params = {"version": CACHE_VERSION, "source": source, "root": str(root),
               "classes": classes, "options": options}
-    base = cache_base(root, cache_dir)
-    try:
-        target = base / f"{source}-{short_hash(params)}"
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError:  # e.g. a read-only mount whose mode bits say writable
-        base = REPO_ROOT / "data" / "manifests"
-        target = base / f"{source}-{short_hash(params)}"
-        target.mkdir(parents=True, exist_ok=True)
-    # fingerprint after creating the cache folder, whose creation changes the root's mtime
+    name = f"{source}-{short_hash(params)}"
+    base = cache_base(cache_dir)
     fingerprint = source_fingerprint(source, root, classes=classes, **options)
-    info_path = target / INFO_NAME
-    info = _read_info(info_path)
-    train, test = target / "train.json", target / "test.json"
-    if info and info.get("params") == params and info.get("fingerprint") == fingerprint \
-            and train.is_file() and test.is_file():
-        return Manifests(str(train), str(test), info["image_dir"])
+    if not _inside(base, _data_folder(root)):  # a valid entry is used even when read-only
+        hit = _cached(base / name, params, fingerprint)
+        if hit:
+            return hit
+    base, target = writable_target(base, name, [root])
+    if base == _TEMP.get("dir"):
+        hit = _cached(target, params, fingerprint)  # prepared earlier in this process
+        if hit:
+            return hit
     export_dir = None
     if source == "cifar10":
         from datasets.prepare.cifar10 import export_key
@@ -94,15 +168,16 @@ def prepare_one(source, root, classes=None, options=None, cache_dir=None, check_
     write_prepared(prepared, target)
     counts = {c: dict(zip(("train", "test_normal", "test_anomalous", "with_mask"), v))
               for c, v in summary(prepared).items()}
-    _write_json(info_path, {"params": params, "fingerprint": fingerprint,
-                            "image_dir": prepared.image_dir, "source": prepared.source,
-                            "counts": counts, "notes": prepared.notes})
+    _write_json(target / INFO_NAME, {"params": params, "fingerprint": fingerprint,
+                                     "image_dir": prepared.image_dir,
+                                     "source": prepared.source, "counts": counts,
+                                     "notes": prepared.notes})
     if log:
         log(f"prepared {prepared.source}: {len(prepared.train)} train / {len(prepared.test)} "
             f"test images -> {target}")
         for note in prepared.notes:
             log(f"note: {note}")
-    return Manifests(str(train), str(test), prepared.image_dir)
+    return Manifests(str(target / "train.json"), str(target / "test.json"), prepared.image_dir)
 
 
 def _absolute(records, image_dir):
@@ -129,8 +204,8 @@ def merge(parts, roots, cache_dir=None):
             owner[cls] = root
         train += _absolute(part_train, part.image_dir)
         test += _absolute(read_manifest(part.test), part.image_dir)
-    base = Path(cache_dir) if cache_dir else REPO_ROOT / "data" / "manifests"
-    target = base / f"merged-{short_hash([str(p.train) for p in parts])}"
+    name = f"merged-{short_hash([str(p.train) for p in parts])}"
+    _, target = writable_target(cache_base(cache_dir), name, roots)
     write_manifest(target / "train.json", train)
     write_manifest(target / "test.json", test)
     return Manifests(str(target / "train.json"), str(target / "test.json"), None)
