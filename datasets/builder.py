@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from datasets.image_io import resize_method
 from datasets.manifest import read_manifest
 from datasets.manifest_dataset import Augment, ManifestDataset
 
@@ -152,7 +153,7 @@ def build_datasets(cfg, pixel_mean, pixel_std, class_name=None):
     augment = Augment(train_cfg.get("hflip", False), train_cfg.get("vflip", False),
                       train_cfg.get("rotate", False), train_cfg.get("color_jitter"))
     common = dict(image_dir=image_dir, input_size=ds.input_size, pixel_mean=pixel_mean,
-                  pixel_std=pixel_std, color_mode=color_mode)
+                  pixel_std=pixel_std, color_mode=color_mode, resize=resize_method(ds))
     train_set = ManifestDataset(train_records, augment=augment if augment.active else None,
                                 **common)
     from datasets.pseudo_anomaly import wrap_pseudo_anomalies  # dataset.train.pseudo_anomaly

@@ -37,18 +37,78 @@ def read_mask(path, expected_hw=None):
     return (mask > 127).astype(np.float32)
 
 
-def resize_image(img, size_hw):
+# dataset.resize: how images (and their masks) are brought to dataset.input_size.
+#   antialias   PIL's bilinear with antialiasing (Image.resize(..., BILINEAR)), masks PIL's
+#               pixel-centred nearest: what UniAD and the other reference code bases do
+#   cv2_linear  OpenCV INTER_LINEAR (no antialiasing: a 900 -> 224 downscale aliases), masks
+#               OpenCV INTER_NEAREST (corner-aligned): DualMem before dataset.resize existed
+RESIZE_METHODS = ("antialias", "cv2_linear")
+# a config without dataset.resize (an old checkpoint or run folder) was trained with this;
+# configs/runtime.yaml sets 'antialias' for new configs
+LEGACY_RESIZE = "cv2_linear"
+
+
+def resize_method(ds_cfg):
+    """``dataset.resize`` of a config's dataset section; absent means :data:`LEGACY_RESIZE`."""
+    method = (ds_cfg or {}).get("resize", LEGACY_RESIZE)
+    return check_resize(method)
+
+
+def check_resize(method):
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"dataset.resize must be one of {list(RESIZE_METHODS)}, got {method!r}")
+    return method
+
+
+def _pil_resize(arr, size_hw, resample):
+    """``arr`` resized by Pillow: uint8 grey/RGB/RGBA directly, anything else channel by
+    channel as 32-bit float images (integer types rounded back)."""
+    from PIL import Image
+
+    h, w = size_hw
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype == np.uint8 and (arr.ndim == 2 or arr.shape[2] in (3, 4)):
+        return np.array(Image.fromarray(arr).resize((w, h), resample))
+    planes = arr[..., None] if arr.ndim == 2 else arr
+    out = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(planes[..., c],
+                                                                    dtype=np.float32))
+                               .resize((w, h), resample)) for c in range(planes.shape[2])],
+                   axis=2)
+    if arr.ndim == 2:
+        out = out[..., 0]
+    if arr.dtype.kind in "ui":
+        info = np.iinfo(arr.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    return out.astype(arr.dtype, copy=False)
+
+
+def resize_image(img, size_hw, method):
+    """``img`` (HxW or HxWxC) to ``size_hw`` = (h, w) by ``method`` (see RESIZE_METHODS).
+
+    The one image resize behind everything that feeds a model (dataset, predict, pseudo
+    anomalies' self textures, panels), so training and prediction cannot differ.
+    """
     h, w = size_hw
     if img.shape[:2] == (h, w):
         return img
-    return cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+    if check_resize(method) == "cv2_linear":
+        return cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+    from PIL import Image
+
+    return _pil_resize(img, (h, w), Image.BILINEAR)
 
 
-def resize_mask(mask, size_hw):
-    """Nearest neighbour, then binarised: a mask stays a mask."""
+def resize_mask(mask, size_hw, method):
+    """Nearest neighbour (pixel-centred for 'antialias', OpenCV's corner-aligned for
+    'cv2_linear'), then binarised: a mask stays a mask."""
     h, w = size_hw
     if mask.shape[:2] != (h, w):
-        mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+        if check_resize(method) == "cv2_linear":
+            mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+        else:
+            from PIL import Image
+
+            mask = _pil_resize(mask.astype(np.float32, copy=False), (h, w), Image.NEAREST)
     return (mask > 0.5).astype(np.float32)
 
 

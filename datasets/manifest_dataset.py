@@ -8,7 +8,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from datasets.image_io import ImageReadError, read_image, resize_image, resize_mask
+from datasets.image_io import (LEGACY_RESIZE, ImageReadError, check_resize, read_image,
+                               resize_image, resize_mask)
 
 
 def read_binary_mask(path, expected_hw=None):
@@ -123,19 +124,21 @@ def normalize(image, mean, std):
 
 
 class ManifestDataset(Dataset):
-    """Images resized (bilinear) to ``input_size``; masks resized nearest and binarised.
+    """Images resized to ``input_size`` by ``resize`` (``dataset.resize``: 'antialias' or
+    'cv2_linear', see datasets/image_io.py); masks resized nearest and binarised.
 
     Missing masks follow UniAD: all zeros for a good image, all ones for a defective one.
     """
 
     def __init__(self, records, image_dir, input_size, pixel_mean, pixel_std,
-                 color_mode="RGB", augment=None):
+                 color_mode="RGB", augment=None, resize=LEGACY_RESIZE):
         self.records = list(records)
         self.image_dir = image_dir
         self.input_size = tuple(input_size)
         self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
         self.color_mode = color_mode
         self.augment = augment
+        self.resize = check_resize(resize)
 
     def __len__(self):
         return len(self.records)
@@ -152,8 +155,8 @@ class ManifestDataset(Dataset):
             mask = read_binary_mask(self.path_of(rec["maskname"]), expected_hw=img.shape[:2])
         else:  # UniAD's rule: no mask = all normal for good, all anomalous for defective
             mask = np.full(img.shape[:2], float(label), dtype=np.float32)
-        image = to_chw_uint8(resize_image(img, self.input_size))
-        mask = torch.from_numpy(resize_mask(mask, self.input_size)).unsqueeze(0)
+        image = to_chw_uint8(resize_image(img, self.input_size, self.resize))
+        mask = torch.from_numpy(resize_mask(mask, self.input_size, self.resize)).unsqueeze(0)
         if self.augment is not None:
             image, mask = self.augment(image, mask)
         return {

@@ -300,14 +300,15 @@ def recipe_kwargs(cfg):
 
 def self_image_loader(dataset):
     """(count, load) over the normal images of a ManifestDataset, for ``texture_source: self``."""
-    from datasets.image_io import read_image, resize_image
+    from datasets.image_io import LEGACY_RESIZE, read_image, resize_image
 
     records = [r for r in dataset.records if int(r["label"]) == 0]
     size = tuple(dataset.input_size)
+    method = getattr(dataset, "resize", LEGACY_RESIZE)  # as the dataset resizes its images
 
     def load(i):
         img = read_image(dataset.path_of(records[i]["filename"]), "RGB")
-        return resize_image(img, size)
+        return resize_image(img, size, method)
 
     return len(records), load
 

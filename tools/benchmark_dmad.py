@@ -60,7 +60,7 @@ def main(argv=None):
         step = len(records) / args.limit
         records = [records[int(i * step)] for i in range(args.limit)]
     plain = ManifestDataset(records, base.image_dir, base.input_size, base.pixel_mean,
-                            base.pixel_std, base.color_mode)
+                            base.pixel_std, base.color_mode, resize=base.resize)
     batch_size = int(cfg.dataset.get("batch_size", 8))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

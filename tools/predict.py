@@ -168,7 +168,8 @@ def predict(args):
     import numpy as np
     import torch
 
-    from datasets.image_io import ImageReadError, read_image, resize_image, to_tensor_normalized
+    from datasets.image_io import (ImageReadError, read_image, resize_image, resize_method,
+                                   to_tensor_normalized)
     from utils.evaluator import evaluator_settings, normalized_score
     from utils.metrics import image_score_from_map
     from utils.trainer import amp_dtype_for
@@ -195,6 +196,7 @@ def predict(args):
     alpha = vis_settings(cfg)["alpha"]
     ds = cfg.dataset
     input_size = tuple(ds.input_size)
+    resize = resize_method(ds)  # as trained; a config without dataset.resize: cv2_linear
     mean, std = state["pixel_mean"], state["pixel_std"]
     color_mode = ((ds.get("image_reader") or {}).get("kwargs") or {}).get("color_mode", "RGB")
     amp_dtype = amp_dtype_for((cfg.get("trainer") or {}).get("amp", False), device)
@@ -256,7 +258,8 @@ def predict(args):
         display = img if color_mode == "RGB" else cv2.cvtColor(
             img, cv2.COLOR_BGR2RGB if color_mode == "BGR" else cv2.COLOR_GRAY2RGB)
         batch.append({"row": row, "hw": img.shape[:2], "display": display, "out_name": out_name,
-                      "tensor": to_tensor_normalized(resize_image(img, input_size), mean, std)})
+                      "tensor": to_tensor_normalized(resize_image(img, input_size, resize), mean,
+                                                       std)})
         if len(batch) == batch_size:
             flush(batch)
             batch = []

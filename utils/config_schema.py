@@ -110,6 +110,10 @@ SCHEMA = {
         },
         "test": SPLIT,
         "input_size": ListOf(int, length=2),
+        # how images/masks reach input_size (datasets/image_io.py): antialias = PIL bilinear
+        # with antialiasing (UniAD); cv2_linear = OpenCV INTER_LINEAR, also what a config
+        # without the key (old checkpoints, run folders) means
+        "resize": Choice("antialias", "cv2_linear"),
         "pixel_mean": OptionalT(ListOf(Number, length=3)),
         "pixel_std": OptionalT(ListOf(Number, length=3)),
         "batch_size": int,

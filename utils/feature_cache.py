@@ -67,7 +67,8 @@ def cache_key(model, dataset, net_cfg, dtype, split):
          "net": [dict(e) for e in net_cfg if e.get("name") in prefix],
          "input_size": list(getattr(dataset, "input_size", []) or []),
          "mean": list(dataset.pixel_mean), "std": list(dataset.pixel_std),
-         "color": getattr(dataset, "color_mode", "RGB")})
+         "color": getattr(dataset, "color_mode", "RGB"),
+         "resize": getattr(dataset, "resize", None)})
     for name in prefix:  # the weights themselves: a re-downloaded or edited backbone differs
         for key, value in getattr(model, name).state_dict().items():
             if torch.is_tensor(value):

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from datasets.image_io import read_image, resize_image
+from datasets.image_io import LEGACY_RESIZE, read_image, resize_image
 from utils.metrics import _build_curve
 
 HEADER = 18          # caption strip height (pixels)
@@ -76,16 +76,17 @@ def _caption(width, text):
 
 
 def render_panel(image, gt_mask, amap, lo=None, hi=None, pixel_threshold=None, alpha=0.5,
-                 title=None):
+                 title=None, resize="antialias"):
     """One row ``image | ground truth | overlay | thresholded map`` (RGB uint8).
 
     ``image`` HxWx3 uint8 RGB at the map's size; ``gt_mask`` HxW (> 0.5 anomalous) or None;
     ``lo``/``hi``: normalisation range (None = per image); ``pixel_threshold`` None leaves the
-    last tile black. Size: ``(HEADER + H, 4 * W + 3 * GAP, 3)``.
+    last tile black; ``resize``: how an image of another size is brought to the map's
+    (``dataset.resize``). Size: ``(HEADER + H, 4 * W + 3 * GAP, 3)``.
     """
     h, w = amap.shape
     if image.shape[:2] != (h, w):
-        image = resize_image(image, (h, w))
+        image = resize_image(image, (h, w), resize)
     gt = np.zeros((h, w), bool) if gt_mask is None else np.asarray(gt_mask) > 0.5
     gt_tile = np.repeat((gt.astype(np.uint8) * 255)[..., None], 3, axis=2)
     heat = overlay(image, normalize_map(amap, lo, hi), alpha)
@@ -145,7 +146,8 @@ def defect_name(filename):
 def display_image(dataset, index):
     """The test image as the model saw it (input size), in RGB for display."""
     rec = dataset.records[index]
-    return resize_image(read_image(dataset.path_of(rec["filename"]), "RGB"), dataset.input_size)
+    return resize_image(read_image(dataset.path_of(rec["filename"]), "RGB"), dataset.input_size,
+                        getattr(dataset, "resize", LEGACY_RESIZE))
 
 
 def _norm_range(thresholds, cls, normalize):
@@ -162,7 +164,8 @@ def panel_for(inf, i, dataset, thresholds, normalize="global", alpha=0.5):
     title = f"{defect_name(inf['filename'][i])} {float(inf['score'][i]):.3g}"
     return render_panel(display_image(dataset, int(inf["index"][i])), inf["masks"][i],
                         inf["maps"][i].astype(np.float32), lo, hi,
-                        entry.get("pixel_threshold"), alpha, title=title)
+                        entry.get("pixel_threshold"), alpha, title=title,
+                        resize=getattr(dataset, "resize", LEGACY_RESIZE))
 
 
 def select_for_vis(inf, max_images=None):

@@ -258,7 +258,8 @@ class DMAD(nn.Module):
         base = train_set.base if isinstance(train_set, PseudoAnomalyDataset) else train_set
         # the training images as they are: no augmentation, no pseudo anomalies
         plain = ManifestDataset(base.records, base.image_dir, base.input_size, base.pixel_mean,
-                                base.pixel_std, getattr(base, "color_mode", "RGB"))
+                                base.pixel_std, getattr(base, "color_mode", "RGB"),
+                                resize=base.resize)
         info = self.build_banks(
             feature_extractor(trainer.model, self), plain, trainer.device,
             batch_size=self.build_batch_size or trainer.batch_size, workers=trainer.workers,
