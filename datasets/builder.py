@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from datasets.image_io import resize_method
 from datasets.manifest import read_manifest
 from datasets.manifest_dataset import Augment, ManifestDataset
+from utils.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,7 +68,7 @@ def locate_manifests(cfg, classes=None, log=None):
                                   check_files=ds.get("check_files", True), log=log)
         return found.train, found.test, found.image_dir
     if roots:
-        raise ValueError(f"dataset.data_root is set but dataset.type is "
+        raise UserError(f"dataset.data_root is set but dataset.type is "
                          f"'{kind or 'explicit'}'; set dataset.type to one of "
                          f"{', '.join(PREPARED_TYPES)} (or pass --data_type)")
     image_dir = ((ds.get("image_reader") or {}).get("kwargs") or {}).get("image_dir")
@@ -78,7 +79,7 @@ def locate_manifests(cfg, classes=None, log=None):
         if not path:
             hint = (f" (or dataset.data_root / --data_root DIR for dataset.type '{kind}')"
                     if kind in PREPARED_TYPES else "")
-            raise ValueError(f"config key '{key}' is required for dataset.type "
+            raise UserError(f"config key '{key}' is required for dataset.type "
                              f"'{kind or 'explicit'}'{hint}")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{key}: manifest not found: {path}")
@@ -91,7 +92,7 @@ def select_classes(records, classes, source):
         return records, present
     missing = [c for c in classes if c not in present]
     if missing:
-        raise ValueError(f"class {', '.join(repr(c) for c in missing)} not in {source} "
+        raise UserError(f"class {', '.join(repr(c) for c in missing)} not in {source} "
                          f"(classes there: {', '.join(present)})")
     keep = set(classes)
     return [r for r in records if r["clsname"] in keep], [c for c in present if c in keep]
@@ -103,7 +104,7 @@ def subsample(records, n, seed):
     if not n or n >= len(records):
         return records
     if n < 0:
-        raise ValueError(f"subsample must be positive, got {n}")
+        raise UserError(f"subsample must be positive, got {n}")
     groups = {}
     for i, r in enumerate(records):
         groups.setdefault((r["clsname"], int(r["label"])), []).append(i)
@@ -139,9 +140,9 @@ def build_datasets(cfg, pixel_mean, pixel_std, class_name=None):
     train_records, train_classes = select_classes(read_manifest(train_meta), classes, train_meta)
     test_records, test_classes = select_classes(read_manifest(test_meta), classes, test_meta)
     if not train_records:
-        raise ValueError(f"no training images in {train_meta}")
+        raise UserError(f"no training images in {train_meta}")
     if not test_records:
-        raise ValueError(f"no test images in {test_meta}")
+        raise UserError(f"no test images in {test_meta}")
     seed = cfg.get("random_seed", 0)
     train_cfg, test_cfg = ds.get("train") or {}, ds.get("test") or {}
     train_records = subsample(train_records, train_cfg.get("subsample"), seed)

@@ -3,9 +3,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from utils.errors import UserError
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError):
     pass
 
 
@@ -56,7 +57,7 @@ def resize_method(ds_cfg):
 
 def check_resize(method):
     if method not in RESIZE_METHODS:
-        raise ValueError(f"dataset.resize must be one of {list(RESIZE_METHODS)}, got {method!r}")
+        raise UserError(f"dataset.resize must be one of {list(RESIZE_METHODS)}, got {method!r}")
     return method
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from utils.errors import UserError
 
 REQUIRED_KEYS = ("filename", "label", "clsname")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -17,21 +18,21 @@ MASK_SUFFIX = "_mask"
 def _check_record(rec, where):
     """Validate one record; ``where`` is a 'file, line N' prefix for the message."""
     if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     for key in REQUIRED_KEYS:
         if key not in rec:
-            raise ValueError(f"{where}: missing required key '{key}' "
+            raise UserError(f"{where}: missing required key '{key}' "
                              f"(required: {', '.join(REQUIRED_KEYS)})")
     for key in ("filename", "clsname"):
         if not isinstance(rec[key], str) or not rec[key]:
-            raise ValueError(f"{where}: '{key}' must be a non-empty string, got {rec[key]!r}")
+            raise UserError(f"{where}: '{key}' must be a non-empty string, got {rec[key]!r}")
     label = rec["label"]
     # bool is an int subclass; JSON true would silently read as label 1.
     if isinstance(label, bool) or label not in (0, 1):
-        raise ValueError(f"{where}: 'label' must be 0 (good) or 1 (defective), got {label!r}")
+        raise UserError(f"{where}: 'label' must be 0 (good) or 1 (defective), got {label!r}")
     for key in ("label_name", "maskname"):
         if key in rec and rec[key] is not None and not isinstance(rec[key], str):
-            raise ValueError(f"{where}: '{key}' must be a string, got {rec[key]!r}")
+            raise UserError(f"{where}: '{key}' must be a string, got {rec[key]!r}")
 
 
 def read_manifest(path):
@@ -46,7 +47,7 @@ def read_manifest(path):
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
             _check_record(rec, where)
             records.append(rec)
     return records
@@ -115,7 +116,7 @@ def build_mvtec_records(root, classes=None):
                        if p.is_dir() and (p / "train").is_dir())
     if classes is None:
         if not available:
-            raise ValueError(f"no class folders (folders with a 'train' subfolder) in {root}")
+            raise UserError(f"no class folders (folders with a 'train' subfolder) in {root}")
         classes = available
     else:
         if isinstance(classes, str):
@@ -123,7 +124,7 @@ def build_mvtec_records(root, classes=None):
         classes = list(classes)
         unknown = [c for c in classes if c not in available]
         if unknown:
-            raise ValueError(f"unknown class(es) {unknown} in {root}; available: {available}")
+            raise UserError(f"unknown class(es) {unknown} in {root}; available: {available}")
 
     train, test = [], []
     for cls in classes:
@@ -131,7 +132,7 @@ def build_mvtec_records(root, classes=None):
         good_dirs = [train_dir / "good"] if (train_dir / "good").is_dir() else []
         train_imgs = [p for d in good_dirs for p in _images(d)]
         if not train_imgs:
-            raise ValueError(f"class '{cls}' has no training images in {train_dir / 'good'}")
+            raise UserError(f"class '{cls}' has no training images in {train_dir / 'good'}")
         for p in train_imgs:
             train.append({"filename": _rel(p, root), "label": 0,
                           "label_name": "good", "clsname": cls})
@@ -151,12 +152,12 @@ def build_mvtec_records(root, classes=None):
                         rec["maskname"] = _rel(mask, root)
                     elif has_gt:
                         gt = root / cls / "ground_truth" / sub.name
-                        raise ValueError(f"test image {p} has no mask: expected "
+                        raise UserError(f"test image {p} has no mask: expected "
                                          f"{gt / (p.stem + MASK_SUFFIX + '.png')} (or "
                                          f"{p.stem}.png there)")
                 rec["clsname"] = cls
                 test.append(rec)
         if len(test) == n_test:
-            raise ValueError(f"class '{cls}' has no test images in {test_dir} (expected "
+            raise UserError(f"class '{cls}' has no test images in {test_dir} (expected "
                              f"test/good and test/<defect> folders)")
     return train, test

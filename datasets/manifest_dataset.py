@@ -10,6 +10,7 @@ from torchvision.transforms import v2
 
 from datasets.image_io import (LEGACY_RESIZE, ImageReadError, check_resize, read_image,
                                resize_image, resize_mask)
+from utils.errors import UserError
 
 
 def read_binary_mask(path, expected_hw=None):
@@ -72,14 +73,14 @@ class Augment:
         self.vflip = float(vflip) if not isinstance(vflip, bool) else (0.5 if vflip else 0.0)
         for name, p in (("hflip", self.hflip), ("vflip", self.vflip)):
             if not 0.0 <= p <= 1.0:
-                raise ValueError(f"dataset.train.{name} must be a bool or a probability in "
+                raise UserError(f"dataset.train.{name} must be a bool or a probability in "
                                  f"[0, 1], got {p}")
         self.rotate = rotate
         self.color_jitter = dict(color_jitter or {})
         unknown = set(self.color_jitter) - {"brightness", "contrast", "saturation", "hue",
                                             "prob"}
         if unknown:
-            raise ValueError(f"dataset.train.color_jitter: unknown key(s) {sorted(unknown)}")
+            raise UserError(f"dataset.train.color_jitter: unknown key(s) {sorted(unknown)}")
         ops = []
         if self.hflip:
             ops.append(v2.RandomHorizontalFlip(self.hflip))

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from utils.errors import UserError
 
 TEXTURE_SOURCES = ("folder", "procedural", "self")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".tga", ".ppm")
@@ -131,7 +132,7 @@ def list_textures(texture_dir):
     files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
                    and p.is_file())
     if not files:
-        raise ValueError(f"pseudo_anomaly.texture_dir: no images ({', '.join(IMAGE_EXTENSIONS)}) "
+        raise UserError(f"pseudo_anomaly.texture_dir: no images ({', '.join(IMAGE_EXTENSIONS)}) "
                          f"under {root}")
     return files
 
@@ -144,7 +145,7 @@ def _load_texture(path, h, w):
         with Image.open(path) as img:
             arr = np.asarray(img.convert("RGB"))
     except Exception as exc:
-        raise ValueError(f"pseudo_anomaly: cannot read texture {path} "
+        raise UserError(f"pseudo_anomaly: cannot read texture {path} "
                          f"({type(exc).__name__}: {exc})") from None
     arr = cv2.resize(arr, (w, h), interpolation=cv2.INTER_AREA if arr.shape[0] > h
                      else cv2.INTER_LINEAR)
@@ -231,24 +232,24 @@ class PseudoAnomalySynthesizer:
         if texture_source is None:
             texture_source = "folder" if texture_dir else "procedural"
         if texture_source not in TEXTURE_SOURCES:
-            raise ValueError(f"pseudo_anomaly.texture_source must be one of {TEXTURE_SOURCES}, "
+            raise UserError(f"pseudo_anomaly.texture_source must be one of {TEXTURE_SOURCES}, "
                              f"got '{texture_source}'")
         if texture_source == "folder" and not texture_dir:
-            raise ValueError("pseudo_anomaly.texture_source is 'folder' but texture_dir is not "
+            raise UserError("pseudo_anomaly.texture_source is 'folder' but texture_dir is not "
                              "set (or use texture_source: procedural | self)")
         if texture_source == "self" and self_images is None:
-            raise ValueError("pseudo_anomaly.texture_source 'self' needs the training images")
+            raise UserError("pseudo_anomaly.texture_source 'self' needs the training images")
         beta = tuple(float(b) for b in beta)
         if not (len(beta) == 2 and 0.0 <= beta[0] <= beta[1] <= 1.0):
-            raise ValueError(f"pseudo_anomaly.beta must be [lo, hi] within [0, 1], got {beta}")
+            raise UserError(f"pseudo_anomaly.beta must be [lo, hi] within [0, 1], got {beta}")
         perlin_scale = tuple(int(s) for s in perlin_scale)
         if not (len(perlin_scale) == 2 and 0 <= perlin_scale[0] < perlin_scale[1]):
-            raise ValueError(f"pseudo_anomaly.perlin_scale must be [lo, hi) with 0 <= lo < hi, "
+            raise UserError(f"pseudo_anomaly.perlin_scale must be [lo, hi) with 0 <= lo < hi, "
                              f"got {list(perlin_scale)}")
         if coverage is not None:
             coverage = tuple(float(c) for c in coverage)
             if not (len(coverage) == 2 and 0.0 < coverage[0] <= coverage[1] <= 1.0):
-                raise ValueError(f"pseudo_anomaly.coverage must be [min, max] within (0, 1], "
+                raise UserError(f"pseudo_anomaly.coverage must be [min, max] within (0, 1], "
                                  f"got {list(coverage)}")
         self.texture_source = texture_source
         self.texture_dir = texture_dir
@@ -328,7 +329,7 @@ class PseudoAnomalyDataset(Dataset):
     def __init__(self, base, prob=0.5, seed=0, texture_source=None, texture_dir=None,
                  **recipe):
         if not 0.0 <= float(prob) <= 1.0:
-            raise ValueError(f"dataset.train.pseudo_anomaly.prob must be in [0, 1], got {prob}")
+            raise UserError(f"dataset.train.pseudo_anomaly.prob must be in [0, 1], got {prob}")
         self.base = base
         self.prob = float(prob)
         self.seed = int(seed)
@@ -397,7 +398,7 @@ def wrap_pseudo_anomalies(train_set, cfg, default_seed=0):
                "threshold", "rotate", "coverage", "texture_augmentations"}
     unknown = sorted(set(cfg) - allowed)
     if unknown:
-        raise ValueError(f"dataset.train.pseudo_anomaly: unknown key(s) {unknown} "
+        raise UserError(f"dataset.train.pseudo_anomaly: unknown key(s) {unknown} "
                          f"(valid: {sorted(allowed)})")
     prob = float(cfg.pop("prob", 0.5))
     if prob <= 0.0:

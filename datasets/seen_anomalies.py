@@ -11,6 +11,7 @@ unsupervised model on exactly the semi-supervised run's test set.
 import zlib
 
 import numpy as np
+from utils.errors import UserError
 
 
 def split_seen_anomalies(test_records, num_per_class, seed=0, classes=None):
@@ -22,12 +23,12 @@ def split_seen_anomalies(test_records, num_per_class, seed=0, classes=None):
     """
     k = int(num_per_class)
     if k < 0:
-        raise ValueError(f"dataset.seen_anomalies.num_per_class must be >= 0, got {k}")
+        raise UserError(f"dataset.seen_anomalies.num_per_class must be >= 0, got {k}")
     present = sorted({r["clsname"] for r in test_records})
     chosen_classes = present if classes is None else list(classes)
     missing = [c for c in chosen_classes if c not in present]
     if missing:
-        raise ValueError(f"dataset.seen_anomalies.classes: {missing} not among the test classes "
+        raise UserError(f"dataset.seen_anomalies.classes: {missing} not among the test classes "
                          f"({', '.join(present)})")
     if k == 0:
         return [], list(test_records)
@@ -36,14 +37,14 @@ def split_seen_anomalies(test_records, num_per_class, seed=0, classes=None):
         anomalous = sorted((r["filename"], i) for i, r in enumerate(test_records)
                            if r["clsname"] == cls and int(r["label"]) == 1)
         if len(anomalous) <= k:
-            raise ValueError(f"dataset.seen_anomalies.num_per_class {k}: class '{cls}' has only "
+            raise UserError(f"dataset.seen_anomalies.num_per_class {k}: class '{cls}' has only "
                              f"{len(anomalous)} anomalous test image(s); at least one must stay "
                              f"in the test set")
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(cls.encode())])
         for j in sorted(rng.permutation(len(anomalous))[:k].tolist()):
             name, i = anomalous[j]
             if not test_records[i].get("maskname"):
-                raise ValueError(f"dataset.seen_anomalies: anomalous test image {name} has no "
+                raise UserError(f"dataset.seen_anomalies: anomalous test image {name} has no "
                                  f"mask (maskname); seen anomalies need pixel annotations")
             take.add(i)
     seen = [dict(test_records[i]) for i in sorted(take)]
@@ -58,7 +59,7 @@ def apply_seen_anomalies(ds_cfg, train_records, test_records):
         return train_records, test_records, None
     unknown = sorted(set(cfg) - {"num_per_class", "seed", "classes", "join_training"})
     if unknown:
-        raise ValueError(f"dataset.seen_anomalies: unknown key(s) {unknown}")
+        raise UserError(f"dataset.seen_anomalies: unknown key(s) {unknown}")
     k, seed = int(cfg["num_per_class"]), int(cfg.get("seed", 0))
     classes = cfg.get("classes")
     seen, test_records = split_seen_anomalies(test_records, k, seed, classes)

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from datasets.manifest import build_mvtec_records, read_manifest, write_manifest
+from utils.errors import UserError
 
 # Bump whenever the drawing code changes, so ensure_synthetic_dataset regenerates stale copies.
 GENERATOR_VERSION = 2
@@ -486,9 +487,9 @@ def render_sample(cls, seed=0, split="train", defect=None, idx=0, image_size=DEF
     Exposed so previews and tests can draw a sample without writing a dataset.
     """
     if cls not in CLASS_SPECS:
-        raise ValueError(f"unknown synthetic class '{cls}'; available: {list(CLASS_SPECS)}")
+        raise UserError(f"unknown synthetic class '{cls}'; available: {list(CLASS_SPECS)}")
     if defect is not None and defect not in CLASS_SPECS[cls][1]:
-        raise ValueError(f"class '{cls}' has no defect '{defect}'; "
+        raise UserError(f"class '{cls}' has no defect '{defect}'; "
                          f"available: {list(CLASS_SPECS[cls][1])}")
     S = int(image_size)
     rng = _rng(seed, cls, split if defect is None else "test_defect", defect, idx)
@@ -508,19 +509,19 @@ def _params(classes, image_size, num_train, num_test_good, num_test_defect, seed
     classes = list(classes)
     unknown = [c for c in classes if c not in CLASS_SPECS]
     if unknown:
-        raise ValueError(f"unknown synthetic class(es) {unknown}; available: {list(CLASS_SPECS)}")
+        raise UserError(f"unknown synthetic class(es) {unknown}; available: {list(CLASS_SPECS)}")
     if len(set(classes)) != len(classes):
-        raise ValueError(f"duplicate classes in {classes}")
+        raise UserError(f"duplicate classes in {classes}")
     if int(image_size) < 64:
-        raise ValueError(f"image_size must be >= 64, got {image_size}")
+        raise UserError(f"image_size must be >= 64, got {image_size}")
     for name, n in (("num_train", num_train), ("num_test_good", num_test_good),
                     ("num_test_defect", num_test_defect)):
         if int(n) < 0:
-            raise ValueError(f"{name} must be >= 0, got {n}")
+            raise UserError(f"{name} must be >= 0, got {n}")
     if int(num_train) < 1:
-        raise ValueError("num_train must be >= 1 (a class needs training images)")
+        raise UserError("num_train must be >= 1 (a class needs training images)")
     if int(seed) < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        raise UserError(f"seed must be a non-negative integer, got {seed}")
     return {"version": GENERATOR_VERSION, "classes": classes, "image_size": int(image_size),
             "num_train": int(num_train), "num_test_good": int(num_test_good),
             "num_test_defect": int(num_test_defect), "seed": int(seed)}

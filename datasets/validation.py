@@ -9,9 +9,10 @@ from collections import defaultdict
 
 from PIL import Image
 from tqdm import tqdm
+from utils.errors import UserError
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserError):
     pass
 
 

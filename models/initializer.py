@@ -1,5 +1,6 @@
 """UniAD's ``initializer`` config: how Linear/Conv weights of a head are initialised."""
 import torch.nn as nn
+from utils.errors import UserError
 
 
 def initialize_from_cfg(module, cfg):
@@ -9,7 +10,7 @@ def initialize_from_cfg(module, cfg):
     method = cfg.get("method", "xavier_uniform") if isinstance(cfg, dict) else str(cfg)
     valid = ("xavier_uniform", "xavier_normal", "msra", "kaiming_normal", "normal")
     if method not in valid:
-        raise ValueError(f"initializer.method must be one of {valid}, got '{method}'")
+        raise UserError(f"initializer.method must be one of {valid}, got '{method}'")
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             if method == "xavier_uniform":

@@ -1,8 +1,10 @@
 """Training criteria, configured as UniAD's ``criterion:`` list of weighted losses."""
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models.registry import Registry
+from utils.errors import UserError
 
 LOSSES = Registry("criterion")
 
@@ -19,6 +21,52 @@ class FeatureMSELoss(nn.Module):
         return F.mse_loss(outputs["feature_rec"], outputs["feature_align"])
 
 
+# ----------------------------------------------------------------------------- DMAD's patch losses
+def _patch_pair(outputs, who):
+    if "patch_target" not in outputs:
+        raise KeyError(f"{who}: no 'patch_target' in the outputs; DMAD makes it from "
+                       f"inputs['mask'], which training batches carry")
+    return outputs["patch_logits"].float(), outputs["patch_target"].float()
+
+
+@LOSSES.register(path="models.heads.dmad")  # the dotted path configs already use
+class PatchFocalLoss(nn.Module):
+    """Focal loss on patch logits vs (soft) patch targets, mean over patches.
+
+    ``alpha``: weight of the anomalous term (normal term 1 - alpha); null = unweighted.
+    """
+
+    def __init__(self, weight=1.0, gamma=2.0, alpha=None):
+        super().__init__()
+        self.weight, self.gamma, self.alpha = weight, float(gamma), alpha
+
+    def forward(self, outputs):
+        logits, t = _patch_pair(outputs, "PatchFocalLoss")
+        p = torch.sigmoid(logits)
+        logp, log1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
+        pos = -t * (1 - p) ** self.gamma * logp
+        neg = -(1 - t) * p ** self.gamma * log1mp
+        if self.alpha is not None:
+            pos, neg = self.alpha * pos, (1 - self.alpha) * neg
+        return (pos + neg).mean()
+
+
+@LOSSES.register(path="models.heads.dmad")
+class PatchBCELoss(nn.Module):
+    """Binary cross-entropy on patch logits vs (soft) patch targets; ``pos_weight`` optional."""
+
+    def __init__(self, weight=1.0, pos_weight=None):
+        super().__init__()
+        self.weight = weight
+        self.pos_weight = pos_weight
+
+    def forward(self, outputs):
+        logits, t = _patch_pair(outputs, "PatchBCELoss")
+        pw = None if self.pos_weight is None else torch.tensor(float(self.pos_weight),
+                                                               device=logits.device)
+        return F.binary_cross_entropy_with_logits(logits, t, pos_weight=pw)
+
+
 class Criterion(nn.Module):
     """Weighted sum of the configured losses; also reports each term for logging."""
 
@@ -29,13 +77,13 @@ class Criterion(nn.Module):
             try:
                 cls = LOSSES.get(entry["type"])
             except KeyError as exc:
-                raise ValueError(f"criterion.{i}: {exc.args[0]}") from None
+                raise UserError(f"criterion.{i}: {exc.args[0]}") from None
             try:
                 self.terms[entry.get("name", entry["type"])] = cls(**(entry.get("kwargs") or {}))
             except TypeError as exc:
-                raise ValueError(f"criterion.{i} ({entry['type']}): {exc}") from None
+                raise UserError(f"criterion.{i} ({entry['type']}): {exc}") from None
         if not self.terms:
-            raise ValueError("criterion: at least one loss is required")
+            raise UserError("criterion: at least one loss is required")
 
     def forward(self, outputs):
         parts = {name: term(outputs) for name, term in self.terms.items()}

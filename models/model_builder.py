@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 
 from models.registry import MODELS
+from utils.errors import UserError
 
 
-class NetBuildError(ValueError):
+class NetBuildError(UserError):
     pass
 
 
@@ -114,13 +115,29 @@ class ModelHelper(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
-    def forward(self, input, start=0):
-        """``start``: skip the first modules, whose outputs ``input`` already holds (cache)."""
+    def forward(self, input, start=0, stop=None):
+        """Modules ``start`` to ``stop`` (exclusive) of the net: ``start`` skips the first ones,
+        whose outputs ``input`` already holds (feature cache)."""
         data = dict(input)
-        for name in self.module_names[start:]:
+        for name in self.module_names[start:stop]:
             if name in self.no_grad_prefix:
                 with torch.no_grad():
                     data.update(getattr(self, name)(data))
             else:
                 data.update(getattr(self, name)(data))
         return data
+
+    @torch.no_grad()
+    def prefix_outputs(self, images, stop):
+        """What module ``stop - 1`` returns when the first ``stop`` modules run on ``images``:
+        the one way to run a frozen prefix (the feature cache, memory banks, benchmarks)."""
+        modules = [getattr(self, n) for n in self.module_names[:stop]]
+        modes = [m.training for m in modules]
+        for m in modules:  # features as at test time, whatever mode the model is in
+            m.eval()
+        try:
+            data = self.forward({"image": images}, stop=stop - 1)
+            return modules[-1](data)
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)

@@ -17,6 +17,14 @@ def _threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _user_cache(tmp_path_factory):
+    """Manifest caches of --data_root go to a temporary folder, never to ~/.cache."""
+    if "DUALMEM_CACHE_DIR" not in os.environ:
+        os.environ["DUALMEM_CACHE_DIR"] = str(tmp_path_factory.mktemp("dualmem_cache"))
+    yield
+
+
 def tiny_net(hidden_dim=32, feature_stride=16, backbone="resnet18", outlayers=(1, 2, 3)):
     """A small random-weight network in UniAD's net-list form."""
     return [

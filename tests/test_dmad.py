@@ -10,7 +10,8 @@ import yaml
 
 from conftest import ROOT, synthetic_dataset, tiny_dmad_net
 from datasets.seen_anomalies import apply_seen_anomalies, split_seen_anomalies
-from models.heads.dmad import (DMAD, PatchBCELoss, PatchFocalLoss, feature_extractor,
+from utils.engine.stage_one import prefix_extractor, stage_one_data
+from models.heads.dmad import (DMAD, PatchBCELoss, PatchFocalLoss,
                                gaussian_blur)
 from models.heads.memory_bank import (StreamingCoreset, filter_patches, greedy_coreset, kmeans,
                                       knn, min_distance_per_group)
@@ -333,12 +334,17 @@ def _conv_extractor(dim=16, seed=0):
     return lambda images: F.conv2d(images, weight, stride=4)
 
 
+def _fit(head, extract, images, batch_size):
+    """Stage one as the engine runs it, on a plain image dataset."""
+    return head.fit(stage_one_data(extract, head.fit_spec(), images, torch.device("cpu"),
+                                   batch_size, plain=images))
+
+
 def test_build_banks_contents_and_memory_cap():
     data = _Images()
     head = DMAD([16], [4], input_size=[32, 32], coreset_ratio=0.1, pseudo_per_image=2,
                 num_centers=2, center_samples=3, bank_memory_mb=0.01)
-    info = head.build_banks(_conv_extractor(), data, torch.device("cpu"), batch_size=4,
-                            progress=False)
+    info = _fit(head, _conv_extractor(), data, batch_size=4)
     cap = int(0.01 * 2 ** 20)
     assert head.bank_nbytes() <= cap
     normal_cap, _ = head.bank_caps()
@@ -352,7 +358,7 @@ def test_build_banks_contents_and_memory_cap():
     # a tighter cap shrinks the banks and still holds
     small = DMAD([16], [4], input_size=[32, 32], coreset_ratio=0.5, pseudo_per_image=2,
                  bank_memory_mb=0.002)
-    small.build_banks(_conv_extractor(), data, torch.device("cpu"), batch_size=4, progress=False)
+    _fit(small, _conv_extractor(), data, batch_size=4)
     assert small.bank_nbytes() <= int(0.002 * 2 ** 20)
     assert small.normal_bank.shape[0] < info["normal_bank"] and small.abnormal_bank.shape[0] > 0
 
@@ -370,8 +376,7 @@ def test_checkpoint_round_trip_resizes_banks(tmp_path):
     model = _model(tmp_path)
     assert model.frozen_prefix == ["backbone", "neck"]
     data = _Images(n_normal=4, n_anomalous=1)
-    model.head.build_banks(feature_extractor(model, model.head), data, torch.device("cpu"),
-                           batch_size=2, progress=False)
+    _fit(model.head, prefix_extractor(model, 2, "feature_align"), data, batch_size=2)
     model.eval()
     x = {"image": torch.randn(2, 3, 32, 32)}
     with torch.no_grad():

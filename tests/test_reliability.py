@@ -8,7 +8,7 @@ import torch
 from test_engine import make_config, run
 from tools import train_val
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from utils.trainer import Trainer
+from utils.engine import Trainer
 from utils.workdir_lock import WorkDirBusyError, WorkDirLock
 
 

@@ -141,10 +141,7 @@ def test_dataset_honours_dataset_resize(tmp_path):
 def test_everything_else_follows_the_datasets_method(tmp_path):
     """Self textures, panels' images and the feature-cache key use the dataset's method."""
     from datasets.pseudo_anomaly import self_image_loader
-    try:
-        from utils.engine.feature_cache import cache_key
-    except ImportError:  # before utils/engine/
-        from utils.feature_cache import cache_key
+    from utils.engine.feature_cache import cache_key
     from utils.visualize import display_image
 
     img = textured(90, seed=4)

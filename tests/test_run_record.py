@@ -105,7 +105,7 @@ def test_changed_flags_are_refused_then_recorded_with_override(runs, capsys):
 
 def test_resume_from_the_run_folder_is_exact_and_extension_is_an_override(
         tmp_path, monkeypatch, capsys):
-    from utils.trainer import Trainer
+    from utils.engine import Trainer
 
     sched = {"type": "CosineAnnealingLR", "kwargs": {}}
     cfg = write_cfg(tmp_path / "cfg.yaml", epochs=3, scheduler=sched)

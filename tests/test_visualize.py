@@ -67,7 +67,9 @@ def test_panel_has_four_tiles_in_the_stated_layout():
     gt[12:18, 12:18] = 1
     lo, hi, t = 0.0, 3.0, 1.5
     panel = V.render_panel(image, gt, amap, lo, hi, t, alpha=0.5)
-    assert panel.shape == (V.HEADER + h, 4 * w + 3 * V.GAP, 3) and panel.dtype == np.uint8
+    # the four tiles, then a gap and the colour bar (tests/test_plots.py checks the bar)
+    assert panel.shape == V.panel_shape(h, w) == (
+        V.HEADER + h, 4 * w + 4 * V.GAP + V.colorbar_width(), 3) and panel.dtype == np.uint8
     tiles = [panel[V.HEADER:, i * (w + V.GAP):i * (w + V.GAP) + w] for i in range(4)]
     assert np.array_equal(tiles[0], image)
     assert np.array_equal(tiles[1], np.repeat(gt[..., None] * 255, 3, axis=2))
@@ -216,7 +218,7 @@ def test_training_stores_thresholds_and_evaluate_draws_panels(tmp_path):
     from utils.config import load_config
     from utils.evaluator import run_inference
     from utils.metrics import f1_optimal_threshold
-    from utils.trainer import Trainer
+    from utils.engine import Trainer
 
     cfg_path = make_config(tmp_path)
     work = tmp_path / "run"
@@ -263,5 +265,5 @@ def test_training_stores_thresholds_and_evaluate_draws_panels(tmp_path):
         path = out / "vis" / cls / parts[-2] / parts[-1]
         img = cv2.imread(str(path))
         assert img is not None, path
-        assert img.shape == (V.HEADER + 64, 4 * 64 + 3 * V.GAP, 3)
+        assert img.shape == V.panel_shape(64, 64, heading=True)  # verdict heading, bar
     assert (out / "vis" / "disc" / "good").is_dir()

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from utils.errors import UserError  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -57,7 +58,7 @@ def apply_device_args(args):
     threads = getattr(args, "threads", None)
     if threads is not None:
         if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
+            raise UserError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     else:
         warn_if_busy()
@@ -332,7 +333,7 @@ def run_main(run, args):
     """Exit status: 0 done, 2 a problem with the config/data/checkpoint/run folder (one clear
     line, no traceback; DUALMEM_DEBUG=1 shows it), 128+N interrupted by signal N (resumable)."""
     from utils.errors import USER_ERRORS
-    from utils.trainer import TrainingInterrupted
+    from utils.engine import TrainingInterrupted
 
     try:
         return run(args)
@@ -357,7 +358,7 @@ def dataset_classes(cfg):
     if wanted:
         missing = [c for c in wanted if c not in seen]
         if missing:
-            raise ValueError(f"class {', '.join(repr(c) for c in missing)} not in {train_meta} "
+            raise UserError(f"class {', '.join(repr(c) for c in missing)} not in {train_meta} "
                              f"(classes there: {', '.join(seen)})")
         return list(wanted)
     return list(seen)

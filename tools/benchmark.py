@@ -89,19 +89,15 @@ class RandomImages(torch.utils.data.Dataset):
 def prepare_banks(model, cfg, device, n_images):
     """Heads with a stage one (DMAD's memory banks) are filled from random images first, so
     their training step and retrieval cost are realistic; returns the build seconds."""
-    from models.heads.dmad import feature_extractor
+    from utils.engine.stage_one import run_stage_one, stage_one_modules
 
-    heads = [getattr(model, n) for n in model.module_names
-             if hasattr(getattr(model, n), "build_banks")]
-    if not heads:
+    if not stage_one_modules(model):
         return None
     data = RandomImages(n_images, cfg.dataset.input_size, model.pixel_mean, model.pixel_std)
     model.eval()
     t = time.perf_counter()
-    for head in heads:
-        head.build_banks(feature_extractor(model, head), data, device,
-                         batch_size=cfg.dataset.get("batch_size", 8),
-                         recipe=head.pseudo_recipe(), progress=False)
+    run_stage_one(model, data, device, batch_size=cfg.dataset.get("batch_size", 8),
+                  progress=False, plain=data)
     return time.perf_counter() - t
 
 

@@ -42,7 +42,8 @@ def main(argv=None):
     from datasets.builder import build_datasets, build_loader
     from datasets.manifest_dataset import ManifestDataset
     from models import ModelHelper
-    from models.heads.dmad import DMAD, feature_extractor
+    from models.heads.dmad import DMAD
+    from utils.engine.stage_one import run_stage_one
 
     device = apply_device_args(args)
     cfg = load_cfg(args, [args.class_name] if args.class_name else None)
@@ -66,9 +67,8 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        info = head.build_banks(feature_extractor(model, head), plain, device,
-                                batch_size=batch_size, recipe=head.pseudo_recipe(train_set),
-                                progress=True)
+        info = run_stage_one(model, train_set, device, batch_size=batch_size,
+                             progress=True, log=print, plain=plain)[heads[0]]
         build_s = time.perf_counter() - t0
     result = {
         "config": str(args.config), "classes": classes, "device": str(device),

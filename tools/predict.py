@@ -172,7 +172,7 @@ def predict(args):
                                    to_tensor_normalized)
     from utils.evaluator import evaluator_settings, normalized_score
     from utils.metrics import image_score_from_map
-    from utils.trainer import amp_dtype_for
+    from utils.engine import amp_dtype_for
     from utils.visualize import normalize_map, overlay, vis_settings, write_png
 
     device = apply_device_args(args)

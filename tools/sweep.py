@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools._common import add_data_args, add_run_args  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 
 def split_values(text):
@@ -53,12 +54,12 @@ def parse_grid(entries):
         key, sep, values = entry.partition("=")
         key = key.strip()
         if not sep or not key or not values.strip():
-            raise ValueError(f"--grid entry '{entry}' must look like key.sub=v1,v2")
+            raise UserError(f"--grid entry '{entry}' must look like key.sub=v1,v2")
         vals = split_values(values)
         if any(v == "" for v in vals):
-            raise ValueError(f"--grid entry '{entry}' has an empty value")
+            raise UserError(f"--grid entry '{entry}' has an empty value")
         if key in [k for k, _ in grid]:
-            raise ValueError(f"--grid key '{key}' is given twice")
+            raise UserError(f"--grid key '{key}' is given twice")
         grid.append((key, vals))
     return grid
 
@@ -128,7 +129,7 @@ def run_cell(args, overrides, cell_dir, device):
     from types import SimpleNamespace
 
     from tools._common import plan_new_run
-    from utils.trainer import Trainer
+    from utils.engine import Trainer
 
     ns = SimpleNamespace(config=args.config, opts=list(args.opts) + overrides,
                          data_root=args.data_root, data_type=args.data_type,

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools._common import (add_config_arg, add_data_args, add_run_args,  # noqa: E402
                            run_main)
+from utils.errors import UserError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -63,7 +64,7 @@ def run(args):
     from tools._common import launch
 
     if args.vis and not args.evaluate:
-        raise ValueError("--vis draws the panels of an evaluation: use it with --evaluate")
+        raise UserError("--vis draws the panels of an evaluation: use it with --evaluate")
     return launch(_run, args)
 
 
@@ -74,7 +75,7 @@ def _run(args, device):
     from utils.logger import setup_logger
     from utils.results import protocol_line, results_table, write_results
     from utils.run_record import history_entry, write_record
-    from utils.trainer import Trainer
+    from utils.engine import Trainer
 
     if args.evaluate or args.resume:
         action = "--evaluate" if args.evaluate else "--resume"
@@ -83,7 +84,7 @@ def _run(args, device):
         if args.classes:  # a subset of the sweep's own classes, not a change of its config
             unknown = [c for c in args.classes if c not in classes]
             if unknown:
-                raise ValueError(f"--classes {', '.join(unknown)}: not in the sweep "
+                raise UserError(f"--classes {', '.join(unknown)}: not in the sweep "
                                  f"{plan.work_dir} (its classes: {', '.join(classes)})")
             classes = [c for c in classes if c in args.classes]
     else:
@@ -127,7 +128,7 @@ def _run(args, device):
                 trainer.resume(trusted=args.trust_checkpoint)
             res = trainer.fit()
         if res is None:
-            raise ValueError(f"class '{cls}' produced no evaluation (trainer.max_epoch 0?)")
+            raise UserError(f"class '{cls}' produced no evaluation (trainer.max_epoch 0?)")
         results[cls], seconds[cls] = res, time.time() - t0
         # the class's Trainer took the logger over
         log = setup_logger(out_dir / "log.txt" if main else None, rank=du.rank())

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools._common import add_config_arg, add_data_args, add_run_args, run_main  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -48,9 +49,9 @@ def run(args, tool="train_val", classes=None):
     from tools._common import launch
 
     if args.vis and not args.evaluate:
-        raise ValueError("--vis draws the panels of an evaluation: use it with --evaluate")
+        raise UserError("--vis draws the panels of an evaluation: use it with --evaluate")
     if args.evaluate and args.resume:
-        raise ValueError("--evaluate and --resume exclude each other")
+        raise UserError("--evaluate and --resume exclude each other")
     return launch(lambda a, device: _run(a, device, tool, classes), args)
 
 
@@ -84,7 +85,7 @@ def run_dir_of_checkpoint(checkpoint):
 
 def _run(args, device, tool, classes=None):
     from tools._common import evaluation_dir
-    from utils.trainer import Trainer
+    from utils.engine import Trainer
 
     p = plan(args, tool, classes)
     progress = not args.no_progress

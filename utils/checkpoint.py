@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from utils.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 

@@ -14,9 +14,10 @@ import yaml
 from easydict import EasyDict
 
 from utils.config_schema import SCHEMA, Any, Choice, ListOf, Number, OptionalT, PathT
+from utils.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config problem the user must fix; the message names the file and key."""
 
 

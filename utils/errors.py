@@ -1,18 +1,19 @@
-"""The exceptions that mean "the user's input is wrong": tools print them as one line."""
-from utils.checkpoint import CheckpointError
-from utils.workdir_lock import WorkDirBusyError
+"""Errors that mean "the user's input is wrong": the tools print them as one line (exit 2).
+
+Raise :class:`UserError` (or a subclass) where bad input is detected, naming the file, key or
+value and what was expected. Any other exception is a bug and shows its traceback. This module
+imports nothing from the project, so every layer can use it.
+"""
 
 
-def _user_errors():
-    errors = [ValueError, FileNotFoundError, CheckpointError, WorkDirBusyError]
-    try:
-        from models.backbones.pretrained import PretrainedWeightsUnavailable
-        errors.append(PretrainedWeightsUnavailable)
-    except ImportError:  # pragma: no cover - backbones always ship
-        pass
-    from utils.trainer import NonFiniteLossError
-    errors.append(NonFiniteLossError)
-    return tuple(errors)
+class UserError(ValueError):
+    """A problem with a config, data, checkpoint, run folder or command-line value."""
 
 
-USER_ERRORS = _user_errors()
+class NonFiniteLossError(UserError):
+    """The loss became NaN/Inf (usually the learning rate or the data); training stopped."""
+
+
+# what a tool reports as one line: UserError (every project error type derives from it) and a
+# missing file
+USER_ERRORS = (UserError, FileNotFoundError)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from utils.metrics import (METRIC_NAMES, compute_class_metrics, f1_optimal_threshold,
                            image_score_from_map, summarize)
+from utils.errors import UserError
 
 THRESHOLDS_FORMAT = 1
 DEFAULT_NORMAL_PERCENTILE = 99.0
@@ -44,13 +45,13 @@ def evaluator_settings(cfg):
     metrics = list(metrics or METRIC_NAMES)
     unknown = [m for m in metrics if m not in METRIC_NAMES]
     if unknown:
-        raise ValueError(f"evaluator.metrics: unknown {unknown}; choose from {METRIC_NAMES}")
+        raise UserError(f"evaluator.metrics: unknown {unknown}; choose from {METRIC_NAMES}")
     key = ev.get("key_metric") or ("pixel_auroc" if "pixel_auroc" in metrics else metrics[0])
     key = KEY_METRIC_ALIASES.get(key, key)
     if key.startswith("mean_"):
         key = key[len("mean_"):]
     if key not in metrics and key != "mad":
-        raise ValueError(f"evaluator.key_metric '{key}' is not among the computed metrics "
+        raise UserError(f"evaluator.key_metric '{key}' is not among the computed metrics "
                          f"{metrics}")
     score.setdefault("reduction", "max")
     score.setdefault("kernel", 16)
@@ -111,7 +112,7 @@ def normal_percentile(cfg):
     q = ((cfg.get("evaluator") or {}).get("thresholds") or {}).get(
         "normal_percentile", DEFAULT_NORMAL_PERCENTILE)
     if not 0.0 < float(q) <= 100.0:
-        raise ValueError(f"evaluator.thresholds.normal_percentile must be in (0, 100], got {q}")
+        raise UserError(f"evaluator.thresholds.normal_percentile must be in (0, 100], got {q}")
     return float(q)
 
 

@@ -4,6 +4,7 @@ import random
 
 import numpy as np
 import torch
+from utils.errors import UserError
 
 
 def set_seed(seed, deterministic=False):
@@ -23,5 +24,5 @@ def resolve_device(name=None):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available")
+        raise UserError("--device cuda was asked for but no CUDA device is available")
     return device

@@ -9,13 +9,14 @@ import json
 import os
 import time
 from pathlib import Path
+from utils.errors import UserError
 
 RECORD_NAME = "run.json"
 # keys that describe where a config was read from, not what the run does
 _IGNORED_KEYS = ("config_path",)
 
 
-class RunRecordError(ValueError):
+class RunRecordError(UserError):
     """A run folder that cannot be used as asked (missing, incomplete, or a refused change)."""
 
 

@@ -2,9 +2,10 @@
 import fcntl
 import os
 import socket
+from utils.errors import UserError
 
 
-class WorkDirBusyError(RuntimeError):
+class WorkDirBusyError(UserError):
     pass
 
 

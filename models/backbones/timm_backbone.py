@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from models.backbones.pretrained import create_timm_model
 from models.registry import MODELS
+from utils.errors import UserError
 
 _PATH = "models.backbones"
 
@@ -33,11 +34,11 @@ def outlayers_to_indices(info, outlayers, model_name):
     if bad or not outlayers:
         choices = ", ".join(f"{l} -> {info[i]['module']} (stride {info[i]['reduction']}, "
                             f"{info[i]['num_chs']} ch)" for l, i in sorted(valid.items()))
-        raise ValueError(f"invalid outlayers {outlayers} for '{model_name}'"
+        raise UserError(f"invalid outlayers {outlayers} for '{model_name}'"
                          f"{f' (bad: {bad})' if bad else ''}; valid outlayers: "
                          f"{sorted(valid)} meaning {choices}")
     if len(set(outlayers)) != len(outlayers):
-        raise ValueError(f"outlayers {outlayers} for '{model_name}' has duplicates")
+        raise UserError(f"outlayers {outlayers} for '{model_name}' has duplicates")
     return [valid[l] for l in outlayers]
 
 
@@ -46,11 +47,11 @@ def _normalise_out_indices(info, out_indices, model_name):
     out = []
     for i in out_indices:
         if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
-            raise ValueError(f"invalid out_indices {list(out_indices)} for '{model_name}'; valid "
+            raise UserError(f"invalid out_indices {list(out_indices)} for '{model_name}'; valid "
                              f"indices are 0..{n - 1} (or negative): {_describe(info)}")
         out.append(i % n)
     if len(set(out)) != len(out):
-        raise ValueError(f"out_indices {list(out_indices)} for '{model_name}' has duplicates")
+        raise UserError(f"out_indices {list(out_indices)} for '{model_name}' has duplicates")
     return out
 
 
@@ -74,7 +75,7 @@ class TimmBackbone(nn.Module):
                  checkpoint_path=None, inplanes=None, instrides=None):
         super().__init__()
         if outlayers is not None and out_indices is not None:
-            raise ValueError(f"'{model_name}': give either outlayers (UniAD layer numbers) or "
+            raise UserError(f"'{model_name}': give either outlayers (UniAD layer numbers) or "
                              f"out_indices (timm indices), not both")
         probe = create_timm_model_probe(model_name)
         info = probe.feature_info.info

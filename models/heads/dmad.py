@@ -4,9 +4,10 @@
 The paper has no public code; everything it leaves open is a kwarg whose default is OUR choice,
 marked "(ours)" below and in ``experiments/*/dmad/README.md``.
 
-Stage one (:meth:`DMAD.prepare`, called by the Trainer before the first epoch) builds two banks
-of patch features from the frozen prefix (backbone + :class:`PatchCoreNeck`) in one pass over
-the normal training images:
+Stage one (:meth:`DMAD.fit`, run by the engine before the first epoch with the batches
+:meth:`DMAD.fit_spec` asks for; the building is in ``dmad_banks.py``) builds two banks of patch
+features from the frozen prefix (backbone + :class:`PatchCoreNeck`) in one pass over the normal
+training images:
 
 * normal bank: greedy k-center coreset (random projection to ``coreset_proj_dim`` = 128 for
   the distance computations) keeping ``coreset_ratio`` = 0.02 of the patches (paper), at most
@@ -34,28 +35,25 @@ patches (ours). The parts chosen in ``knowledge`` (with q itself, ``include_quer
 concatenated into a 1x1-conv MLP (``hidden``) giving patch logits. While training, memories
 taken from the same image are excluded (``exclude_self``, ours), so training distances look
 like test distances. Map: sigmoid(logits), bilinear to the input size, Gaussian blur with
-``sigma`` = 4. Losses (:class:`PatchFocalLoss`, :class:`PatchBCELoss`) compare the logits with
-the fraction of each patch inside the mask (``target: soft``, ours) or the Filter's 0/1.
+``sigma`` = 4. Losses (``models.losses.PatchFocalLoss`` / ``PatchBCELoss``) compare the logits
+with the fraction of each patch inside the mask (``target: soft``, ours) or the Filter's 0/1.
 """
 import math
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from models.heads.memory_bank import (StreamingCoreset, downsample_mask, filter_patches,
-                                      greedy_coreset, kmeans, knn, min_distance_per_group)
-from models.losses import LOSSES
+from models.heads.dmad_banks import (KIND_CENTRE, KIND_PSEUDO, KIND_REAL,  # noqa: F401
+                                     KIND_SAMPLE, NORMAL_SHARE, BankBuilding)
+from models.heads.memory_bank import downsample_mask, knn, min_distance_per_group
+from models.losses import PatchBCELoss, PatchFocalLoss  # noqa: F401  (their old home)
 from models.registry import MODELS
+from utils.errors import UserError
 
 KNOWLEDGE_PARTS = ("distance", "residual", "attention")
 BANK_BUFFERS = ("normal_bank", "normal_src", "normal_cls", "abnormal_bank", "abnormal_src",
                 "abnormal_cls", "abnormal_kind")
-KIND_PSEUDO, KIND_REAL, KIND_CENTRE, KIND_SAMPLE = 0, 1, 2, 3
-NORMAL_SHARE = 0.8
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -73,35 +71,8 @@ def gaussian_blur(x, sigma, truncate=4.0):
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode=mode), k.view(1, 1, -1, 1))
 
 
-class _BankImages(Dataset):
-    """Plain training images for bank building, with ``passes`` pseudo anomalies each."""
-
-    def __init__(self, dataset, indices, class_ids, synth=None, passes=0, seed=0):
-        self.dataset, self.indices, self.class_ids = dataset, list(indices), class_ids
-        self.synth, self.passes, self.seed = synth, int(passes), int(seed)
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, j):
-        from datasets.pseudo_anomaly import STREAM_BANK, apply_pseudo_anomaly, sample_rng
-
-        i = self.indices[j]
-        item = self.dataset[i]
-        out = {"image": item["image"], "mask": item["mask"], "index": i,
-               "cls": self.class_ids[item["clsname"]]}
-        if self.passes:
-            pseudo = [apply_pseudo_anomaly(item, self.synth, sample_rng(self.seed, p, i,
-                                                                        STREAM_BANK),
-                                           self.dataset.pixel_mean, self.dataset.pixel_std, i)
-                      for p in range(self.passes)]
-            out["pseudo_image"] = torch.stack([p["image"] for p in pseudo])
-            out["pseudo_mask"] = torch.stack([p["mask"] for p in pseudo])
-        return out
-
-
 @MODELS.register(name="DMAD", path="models.heads")
-class DMAD(nn.Module):
+class DMAD(BankBuilding, nn.Module):
     learns_from_anomalies = True  # labelled anomalies in the training set are meant for it
 
     def __init__(self, inplanes, instrides=None, input_size=None, feature_size=None,
@@ -118,29 +89,29 @@ class DMAD(nn.Module):
         super().__init__()
         dim = int(list(inplanes)[0]) if isinstance(inplanes, (list, tuple)) else int(inplanes)
         if isinstance(inplanes, (list, tuple)) and len(inplanes) != 1:
-            raise ValueError(f"DMAD: expects one feature map (a neck such as PatchCoreNeck), "
+            raise UserError(f"DMAD: expects one feature map (a neck such as PatchCoreNeck), "
                              f"got inplanes {list(inplanes)}")
         knowledge = [knowledge] if isinstance(knowledge, str) else list(knowledge)
         bad = [k for k in knowledge if k not in KNOWLEDGE_PARTS]
         if bad or len(set(knowledge)) != len(knowledge):
-            raise ValueError(f"DMAD: knowledge must be a subset of {list(KNOWLEDGE_PARTS)} "
+            raise UserError(f"DMAD: knowledge must be a subset of {list(KNOWLEDGE_PARTS)} "
                              f"without repeats, got {knowledge}")
         if not knowledge and not include_query:
-            raise ValueError("DMAD: knowledge is empty and include_query is false: the score "
+            raise UserError("DMAD: knowledge is empty and include_query is false: the score "
                              "head would get no input")
         if bank_dtype not in BANK_DTYPES:
-            raise ValueError(f"DMAD: bank_dtype must be one of {list(BANK_DTYPES)}, "
+            raise UserError(f"DMAD: bank_dtype must be one of {list(BANK_DTYPES)}, "
                              f"got '{bank_dtype}'")
         if target not in ("soft", "hard"):
-            raise ValueError(f"DMAD: target must be 'soft' or 'hard', got '{target}'")
+            raise UserError(f"DMAD: target must be 'soft' or 'hard', got '{target}'")
         for name, value in (("coreset_ratio", coreset_ratio),
                             ("abnormal_coreset_ratio", abnormal_coreset_ratio)):
             if not 0.0 < float(value) <= 1.0:
-                raise ValueError(f"DMAD: {name} must be in (0, 1], got {value}")
+                raise UserError(f"DMAD: {name} must be in (0, 1], got {value}")
         if not 0.0 <= float(filter_threshold) < 1.0:
-            raise ValueError(f"DMAD: filter_threshold must be in [0, 1), got {filter_threshold}")
+            raise UserError(f"DMAD: filter_threshold must be in [0, 1), got {filter_threshold}")
         if int(topk) < 1 or float(temperature) <= 0 or float(bank_memory_mb) <= 0:
-            raise ValueError(f"DMAD: topk >= 1, temperature > 0 and bank_memory_mb > 0 needed "
+            raise UserError(f"DMAD: topk >= 1, temperature > 0 and bank_memory_mb > 0 needed "
                              f"(got {topk}, {temperature}, {bank_memory_mb})")
         self.dim = dim
         self.input_size = list(input_size) if input_size is not None else None
@@ -209,19 +180,6 @@ class DMAD(nn.Module):
     def row_nbytes(self):
         return self.dim * torch.empty((), dtype=self.bank_dtype).element_size() + 4 * 2
 
-    def bank_caps(self, normal_rows=None):
-        """(normal cap, abnormal cap) in rows from ``bank_memory_mb`` and the max sizes; the
-        abnormal cap is what the normal bank (``normal_rows``, default its cap) leaves."""
-        budget = int(self.bank_memory_mb * 2 ** 20)
-        normal_cap = min(self.max_normal_bank, int(NORMAL_SHARE * budget) // self.row_nbytes())
-        used = (normal_cap if normal_rows is None else normal_rows) * self.row_nbytes()
-        abnormal_cap = min(self.max_abnormal_bank,
-                           (budget - used) // (self.row_nbytes() + 4))  # + abnormal_kind
-        if normal_cap < 1 or abnormal_cap < 1:
-            raise ValueError(f"DMAD: bank_memory_mb {self.bank_memory_mb} is too small for "
-                             f"{self.dim}-dim memories")
-        return normal_cap, abnormal_cap
-
     def get_extra_state(self):
         return {"class_names": list(self.class_names), "build_info": dict(self.build_info)}
 
@@ -249,209 +207,18 @@ class DMAD(nn.Module):
             self._buffers[f"{prefix}_kind"] = kind.to(device, torch.int32).contiguous()
 
     # ------------------------------------------------------------------ stage one
-    def prepare(self, trainer):
-        """Build both banks from the Trainer's training set and frozen prefix (engine hook)."""
-        from datasets.manifest_dataset import ManifestDataset
-        from datasets.pseudo_anomaly import PseudoAnomalyDataset
+    def fit_spec(self):
+        """What the engine's stage one must feed :meth:`fit` (see utils/engine/stage_one.py):
+        features of the plain training images from the frozen modules before this head,
+        ``pseudo_per_image`` pseudo anomalies each (recipe: ``pseudo_anomaly``, else the
+        training set's, else procedural textures), and the seen anomalies with their masks."""
+        return {"output": "feature_align", "pseudo_per_image": self.pseudo_per_image,
+                "pseudo_recipe": dict(self.pseudo_anomaly) if self.pseudo_anomaly else None,
+                "batch_size": self.build_batch_size, "seed": self.seed}
 
-        train_set = trainer.train_set
-        base = train_set.base if isinstance(train_set, PseudoAnomalyDataset) else train_set
-        # the training images as they are: no augmentation, no pseudo anomalies
-        plain = ManifestDataset(base.records, base.image_dir, base.input_size, base.pixel_mean,
-                                base.pixel_std, getattr(base, "color_mode", "RGB"),
-                                resize=base.resize)
-        info = self.build_banks(
-            feature_extractor(trainer.model, self), plain, trainer.device,
-            batch_size=self.build_batch_size or trainer.batch_size, workers=trainer.workers,
-            recipe=self.pseudo_recipe(train_set), progress=trainer.progress,
-            log=trainer.logger.info)
-        if isinstance(train_set, PseudoAnomalyDataset):
-            # pseudo anomalies follow the sampler's epoch, so a resumed epoch replays them
-            train_set.epoch_source = trainer.sampler
-        return info
-
-    def pseudo_recipe(self, train_set=None):
-        """The abnormal bank's pseudo-anomaly recipe: ``pseudo_anomaly`` when set, else the
-        training set's (``dataset.train.pseudo_anomaly``), else procedural textures."""
-        if self.pseudo_anomaly is not None:
-            return dict(self.pseudo_anomaly)
-        synth = getattr(train_set, "synth", None)
-        if synth is None:
-            return {}
-        return {k: getattr(synth, k) for k in (
-            "texture_source", "texture_dir", "beta", "perlin_scale", "threshold", "rotate",
-            "coverage", "texture_augmentations")}
-
-    @torch.no_grad()
-    def build_banks(self, extract, dataset, device, batch_size=8, workers=0, recipe=None,
-                    progress=True, log=None):
-        """Fill the banks. ``extract(images) -> (B, C, h, w)`` features; ``dataset`` a plain
-        ManifestDataset (index = training-set index); label-0 records give the normal bank and
-        pseudo anomalies, label-1 records (seen anomalies, with masks) the real abnormal part.
-        Returns the build statistics (also kept in ``build_info``)."""
-        from datasets.pseudo_anomaly import PseudoAnomalySynthesizer, self_image_loader
-
-        log = log or (lambda m: None)
-        t0 = time.time()
-        records = dataset.records
-        self.class_names = sorted({r["clsname"] for r in records})
-        class_ids = {c: i for i, c in enumerate(self.class_names)}
-        normal_idx = [i for i, r in enumerate(records) if int(r["label"]) == 0]
-        seen_idx = [i for i, r in enumerate(records) if int(r["label"]) == 1]
-        if not normal_idx:
-            raise ValueError("DMAD: no normal (label 0) training images to build the normal bank")
-        recipe = dict(recipe or {})
-        recipe.pop("prob", None)
-        recipe.pop("seed", None)
-        synth = None
-        if self.pseudo_per_image:
-            source = recipe.pop("texture_source", None) or (
-                "folder" if recipe.get("texture_dir") else "procedural")
-            synth = PseudoAnomalySynthesizer(
-                source, recipe.pop("texture_dir", None),
-                self_images=self_image_loader(dataset) if source == "self" else None, **recipe)
-        elif not seen_idx:
-            raise ValueError("DMAD: pseudo_per_image is 0 and there are no seen anomalies: the "
-                             "abnormal bank would be empty")
-        buffer_rows = max(1024, int(self.coreset_buffer_mb * 2 ** 20 / (4 * self.dim)))
-        normal_cap, _ = self.bank_caps()
-        normal = StreamingCoreset(self.coreset_ratio, normal_cap, self.coreset_proj_dim,
-                                  buffer_rows, self.seed)
-        pseudo = StreamingCoreset(self.abnormal_coreset_ratio, self.max_abnormal_bank,
-                                  self.coreset_proj_dim, buffer_rows, self.seed + 1)
-        sample_q, sample_src = [], []
-        g = torch.Generator().manual_seed(self.seed)
-        loader = DataLoader(_BankImages(dataset, normal_idx, class_ids, synth,
-                                        self.pseudo_per_image if synth else 0, self.seed),
-                            batch_size=batch_size, num_workers=workers, shuffle=False)
-        grid = None
-        for batch in tqdm(loader, desc="DMAD banks (normal images)", disable=not progress,
-                          leave=False, dynamic_ncols=True):
-            feats = extract(batch["image"].to(device)).float()
-            b, c, h, w = feats.shape
-            grid = (h, w)
-            if c != self.dim:
-                raise ValueError(f"DMAD: features have {c} channels but the head was built for "
-                                 f"{self.dim} (inplanes)")
-            rows = feats.permute(0, 2, 3, 1).reshape(-1, c)
-            src = batch["index"].to(device).repeat_interleave(h * w)
-            cls = batch["cls"].to(device).repeat_interleave(h * w)
-            normal.add(rows, src, cls)
-            pick = torch.randperm(rows.shape[0], generator=g)[:max(1, 4096 // len(loader))]
-            sample_q.append(rows[pick.to(device)])
-            sample_src.append(src[pick.to(device)])
-            if synth is not None:
-                imgs = batch["pseudo_image"].flatten(0, 1).to(device)
-                masks = batch["pseudo_mask"].flatten(0, 1).to(device)
-                pf, which = filter_patches(extract(imgs).float(), masks, self.filter_threshold)
-                owner = which // self.pseudo_per_image
-                pseudo.add(pf, batch["index"].to(device)[owner], batch["cls"].to(device)[owner])
-        n_feats, n_src, n_cls = normal.result()
-        self._set_bank("normal", n_feats, n_src, n_cls)
-        t_normal = time.time() - t0
-
-        # leave-one-image-out nearest-normal distance of training patches: the distance unit
-        q, s = torch.cat(sample_q), torch.cat(sample_src)
-        d = self._nearest(q, self.normal_bank, self.normal_src, s)
-        finite = d[torch.isfinite(d)]
-        self.dist_scale.fill_(float(finite.mean()) if finite.numel() and finite.mean() > 0
-                              else 1.0)
-
-        # abnormal bank: real (seen) anomalies + anomaly center sampling, then pseudo ones
-        real = self._seen_features(extract, dataset, seen_idx, class_ids, device, batch_size,
-                                   workers, progress)
-        _, abnormal_cap = self.bank_caps(normal_rows=self.normal_bank.shape[0])
-        parts = self._center_sampling(*real) if real is not None else []
-        reserved = sum(p[0].shape[0] for p in parts)
-        if (synth is not None and reserved > abnormal_cap // 2) or reserved > abnormal_cap:
-            # too many real-derived rows: coreset them to leave room for pseudo ones
-            keep = abnormal_cap // 2 if synth is not None else abnormal_cap
-            cat = [torch.cat([p[i] for p in parts]) for i in range(4)]
-            idx, _ = greedy_coreset(cat[0], keep, self.coreset_proj_dim, self.seed + 2)
-            parts = [tuple(t[idx] for t in cat)]
-            reserved = keep
-        if synth is not None:
-            p_feats, p_src, p_cls = pseudo.result() if pseudo.seen else (
-                torch.zeros(0, self.dim, device=device), torch.zeros(0, dtype=torch.long),
-                torch.zeros(0, dtype=torch.long))
-            room = abnormal_cap - reserved
-            if p_feats.shape[0] > room:
-                idx, _ = greedy_coreset(p_feats, room, self.coreset_proj_dim, self.seed + 3)
-                p_feats, p_src, p_cls = p_feats[idx], p_src[idx], p_cls[idx]
-            kind = torch.full((p_feats.shape[0],), KIND_PSEUDO, dtype=torch.long)
-            parts.insert(0, (p_feats, p_src.cpu(), p_cls.cpu(), kind))
-        cat = [torch.cat([p[i].to(device) for p in parts]) for i in range(4)]
-        if cat[0].shape[0] == 0:
-            raise ValueError("DMAD: the abnormal bank is empty (no pseudo-anomalous patch "
-                             "passed the Filter and no seen anomalies)")
-        self._set_bank("abnormal", cat[0], cat[1], cat[2], cat[3])
-        kinds = torch.bincount(self.abnormal_kind.long().cpu(), minlength=4).tolist()
-        self.build_info = {
-            "classes": len(self.class_names), "feature_grid": list(grid or []),
-            "normal_images": len(normal_idx), "seen_anomaly_images": len(seen_idx),
-            "normal_patches_seen": normal.seen, "normal_bank": int(self.normal_bank.shape[0]),
-            "coreset_reductions": normal.reductions,
-            "pseudo_patches_seen": pseudo.seen,
-            "abnormal_bank": int(self.abnormal_bank.shape[0]),
-            "abnormal_pseudo": kinds[KIND_PSEUDO], "abnormal_real": kinds[KIND_REAL],
-            "abnormal_centres": kinds[KIND_CENTRE], "abnormal_samples": kinds[KIND_SAMPLE],
-            "dist_scale": float(self.dist_scale), "bank_mb": self.bank_nbytes() / 2 ** 20,
-            "bank_memory_mb": self.bank_memory_mb,
-            "time_normal_s": t_normal, "time_total_s": time.time() - t0,
-        }
-        log("DMAD banks: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in self.build_info.items()))
-        return dict(self.build_info)
-
-    def _seen_features(self, extract, dataset, seen_idx, class_ids, device, batch_size,
-                       workers, progress):
-        if not seen_idx:
-            return None
-        loader = DataLoader(_BankImages(dataset, seen_idx, class_ids), batch_size=batch_size,
-                            num_workers=workers, shuffle=False)
-        feats, srcs, clss = [], [], []
-        for batch in tqdm(loader, desc="DMAD banks (seen anomalies)", disable=not progress,
-                          leave=False, dynamic_ncols=True):
-            f, which = filter_patches(extract(batch["image"].to(device)).float(),
-                                      batch["mask"].to(device), self.filter_threshold)
-            feats.append(f)
-            srcs.append(batch["index"].to(device)[which])
-            clss.append(batch["cls"].to(device)[which])
-        feats = torch.cat(feats)
-        if feats.shape[0] == 0:
-            return None
-        return feats, torch.cat(srcs), torch.cat(clss)
-
-    def _center_sampling(self, feats, src, cls):
-        """Real anomalous patches, plus per class k-means centres and samples around them."""
-        parts = [(feats, src, cls, torch.full_like(src, KIND_REAL))]
-        if self.num_centers < 1:
-            return parts
-        g = torch.Generator().manual_seed(self.seed + 7)
-        for c in torch.unique(cls).tolist():
-            x = feats[cls == c]
-            centres, assign = kmeans(x, self.num_centers, seed=self.seed + 11 * (c + 1))
-            k = centres.shape[0]
-            none = torch.full((k,), -1, dtype=src.dtype, device=src.device)
-            parts.append((centres, none, torch.full_like(none, c),
-                          torch.full_like(none, KIND_CENTRE)))
-            if self.center_samples < 1:
-                continue
-            radius = torch.zeros(k, device=x.device)
-            for j in range(k):
-                members = x[assign == j]
-                if members.shape[0] > 1:
-                    radius[j] = (members - centres[j]).pow(2).sum(1).mean().sqrt()
-            spare = radius[radius > 0]
-            radius[radius == 0] = spare.median() if spare.numel() else self.dist_scale
-            noise = torch.randn(k, self.center_samples, self.dim, generator=g).to(x.device)
-            samples = centres[:, None] + (self.center_spread * radius[:, None, None] *
-                                          noise / math.sqrt(self.dim))
-            n = k * self.center_samples
-            none = torch.full((n,), -1, dtype=src.dtype, device=src.device)
-            parts.append((samples.reshape(n, self.dim), none, torch.full_like(none, c),
-                          torch.full_like(none, KIND_SAMPLE)))
-        return parts
+    def fit(self, data):
+        """Stage one: build both banks (:meth:`build_banks`); they live in the state dict."""
+        return self.build_banks(data)
 
     # ------------------------------------------------------------------ retrieval
     def _nearest(self, q, bank, bank_src, row_src):
@@ -481,8 +248,8 @@ class DMAD(nn.Module):
     def knowledge_features(self, q, row_src=None, row_cls=None):
         """(N, C) patch features -> (N, knowledge_dim()) knowledge vectors."""
         if self.normal_bank.shape[0] == 0 or self.abnormal_bank.shape[0] == 0:
-            raise RuntimeError("DMAD: the memory banks are empty; they are built by "
-                               "prepare(trainer) before training, or loaded from a checkpoint")
+            raise RuntimeError("DMAD: the memory banks are empty; the engine builds them "
+                               "(fit) before training, or they come from a checkpoint")
         q = q.float()
         scale = self.dist_scale.float()
         out = [q] if self.include_query else []
@@ -532,7 +299,7 @@ class DMAD(nn.Module):
 
     def anomaly_map(self, logits):
         if self.input_size is None and self.stride is None:
-            raise ValueError("DMAD: input_size or instrides is needed to size the anomaly map")
+            raise UserError("DMAD: input_size or instrides is needed to size the anomaly map")
         size = self.input_size or [s * self.stride for s in logits.shape[-2:]]
         prob = torch.sigmoid(logits.float())
         prob = F.interpolate(prob, size=tuple(size), mode="bilinear", align_corners=False)
@@ -559,79 +326,3 @@ def _excluder(row_src, row_cls, bank_src, bank_cls):
         return m
 
     return excluded
-
-
-def feature_extractor(model, head):
-    """``images -> feature_align`` through the modules before ``head`` in a ModelHelper, which
-    must all be frozen or parameter-free (the banks would go stale otherwise)."""
-    names = model.module_names
-    mine = [n for n in names if getattr(model, n) is head]
-    if not mine:
-        raise ValueError("DMAD.prepare: this head is not part of trainer.model")
-    before = names[:names.index(mine[0])]
-    trainable = [n for n in before if n not in model.frozen_prefix]
-    if trainable:
-        raise ValueError(f"DMAD: the modules before it must be frozen or parameter-free (the "
-                         f"banks hold their outputs); trainable: {trainable}")
-
-    @torch.no_grad()
-    def extract(images):
-        data = {"image": images}
-        for n in before:
-            module = getattr(model, n)
-            was = module.training
-            module.eval()
-            data.update(module(data))
-            module.train(was)
-        if "feature_align" not in data:
-            raise ValueError(f"DMAD: the modules before it ({', '.join(before)}) give no "
-                             f"'feature_align' (use a neck such as models.necks.PatchCoreNeck)")
-        return data["feature_align"]
-
-    return extract
-
-
-# ----------------------------------------------------------------------------- losses
-def _patch_pair(outputs, who):
-    if "patch_target" not in outputs:
-        raise KeyError(f"{who}: no 'patch_target' in the outputs; DMAD makes it from "
-                       f"inputs['mask'], which training batches carry")
-    return outputs["patch_logits"].float(), outputs["patch_target"].float()
-
-
-@LOSSES.register(path="models.heads.dmad")
-class PatchFocalLoss(nn.Module):
-    """Focal loss on patch logits vs (soft) patch targets, mean over patches.
-
-    ``alpha``: weight of the anomalous term (normal term 1 - alpha); null = unweighted.
-    """
-
-    def __init__(self, weight=1.0, gamma=2.0, alpha=None):
-        super().__init__()
-        self.weight, self.gamma, self.alpha = weight, float(gamma), alpha
-
-    def forward(self, outputs):
-        logits, t = _patch_pair(outputs, "PatchFocalLoss")
-        p = torch.sigmoid(logits)
-        logp, log1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
-        pos = -t * (1 - p) ** self.gamma * logp
-        neg = -(1 - t) * p ** self.gamma * log1mp
-        if self.alpha is not None:
-            pos, neg = self.alpha * pos, (1 - self.alpha) * neg
-        return (pos + neg).mean()
-
-
-@LOSSES.register(path="models.heads.dmad")
-class PatchBCELoss(nn.Module):
-    """Binary cross-entropy on patch logits vs (soft) patch targets; ``pos_weight`` optional."""
-
-    def __init__(self, weight=1.0, pos_weight=None):
-        super().__init__()
-        self.weight = weight
-        self.pos_weight = pos_weight
-
-    def forward(self, outputs):
-        logits, t = _patch_pair(outputs, "PatchBCELoss")
-        pw = None if self.pos_weight is None else torch.tensor(float(self.pos_weight),
-                                                               device=logits.device)
-        return F.binary_cross_entropy_with_logits(logits, t, pos_weight=pw)

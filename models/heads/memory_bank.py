@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from utils.errors import UserError
 
 
 # ----------------------------------------------------------------------------- coreset
@@ -34,7 +35,7 @@ def greedy_coreset(features, n, proj_dim=128, seed=0, start=None):
     if n >= total:
         return torch.arange(total, device=x.device), 0.0
     if n <= 0:
-        raise ValueError(f"greedy_coreset: n must be >= 1, got {n}")
+        raise UserError(f"greedy_coreset: n must be >= 1, got {n}")
     if proj_dim and proj_dim < x.shape[1]:
         x = x @ random_projection(x.shape[1], int(proj_dim), seed, x.device)
     sq = (x * x).sum(1)
@@ -63,7 +64,7 @@ class StreamingCoreset:
 
     def __init__(self, ratio, max_size, proj_dim=128, buffer_rows=1_000_000, seed=0):
         if not 0.0 < float(ratio) <= 1.0:
-            raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
+            raise UserError(f"coreset ratio must be in (0, 1], got {ratio}")
         self.ratio = float(ratio)
         self.max_size = int(max_size) if max_size is not None else None
         self.proj_dim = proj_dim
@@ -122,7 +123,7 @@ def knn(query, bank, k, query_chunk=4096, bank_chunk=16384, excluded=None):
     """
     nq, nb = query.shape[0], bank.shape[0]
     if nb == 0:
-        raise ValueError("knn: the memory bank is empty")
+        raise UserError("knn: the memory bank is empty")
     k = min(int(k), nb)
     q_all = query.float()
     out_d = torch.empty(nq, k, device=query.device)
@@ -193,7 +194,7 @@ def kmeans(x, k, iters=50, seed=0, tol=1e-6):
     n = x.shape[0]
     k = min(int(k), n)
     if k < 1:
-        raise ValueError("kmeans: no points")
+        raise UserError("kmeans: no points")
     g = torch.Generator().manual_seed(int(seed))
     first = int(torch.randint(n, (1,), generator=g))
     centres = [x[first]]

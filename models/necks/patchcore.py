@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.registry import MODELS
+from utils.errors import UserError
 
 PROJECTIONS = ("none", "avgpool", "random")
 
@@ -30,25 +31,25 @@ class PatchCoreNeck(nn.Module):
         super().__init__()
         inplanes, instrides = [int(c) for c in inplanes], [int(s) for s in instrides]
         if len(inplanes) != len(instrides) or not inplanes:
-            raise ValueError(f"PatchCoreNeck: inplanes {inplanes} and instrides {instrides} must "
+            raise UserError(f"PatchCoreNeck: inplanes {inplanes} and instrides {instrides} must "
                              f"be non-empty and of equal length")
         if projection is None:
             projection = "avgpool" if out_dim else "none"
         if projection not in PROJECTIONS:
-            raise ValueError(f"PatchCoreNeck: projection must be one of {PROJECTIONS}, got "
+            raise UserError(f"PatchCoreNeck: projection must be one of {PROJECTIONS}, got "
                              f"'{projection}'")
         total = sum(inplanes)
         if projection != "none":
             if not out_dim or int(out_dim) < 1:
-                raise ValueError(f"PatchCoreNeck: projection '{projection}' needs out_dim >= 1")
+                raise UserError(f"PatchCoreNeck: projection '{projection}' needs out_dim >= 1")
             if projection == "avgpool" and int(out_dim) > total:
-                raise ValueError(f"PatchCoreNeck: out_dim {out_dim} exceeds the {total} "
+                raise UserError(f"PatchCoreNeck: out_dim {out_dim} exceeds the {total} "
                                  f"concatenated channels; avgpool can only reduce")
         elif out_dim not in (None, total):
-            raise ValueError(f"PatchCoreNeck: out_dim {out_dim} needs a projection "
+            raise UserError(f"PatchCoreNeck: out_dim {out_dim} needs a projection "
                              f"(avgpool | random); without one the output has {total} channels")
         if int(patch_size) < 1 or int(patch_size) % 2 == 0:
-            raise ValueError(f"PatchCoreNeck: patch_size must be odd and >= 1, got {patch_size}")
+            raise UserError(f"PatchCoreNeck: patch_size must be odd and >= 1, got {patch_size}")
         self.inplanes, self.instrides = inplanes, instrides
         self.patch_size = int(patch_size)
         self.count_include_pad = bool(count_include_pad)
@@ -62,7 +63,7 @@ class PatchCoreNeck(nn.Module):
     def forward(self, input):
         features = input["features"]
         if len(features) != len(self.inplanes):
-            raise ValueError(f"PatchCoreNeck: expected {len(self.inplanes)} feature maps, got "
+            raise UserError(f"PatchCoreNeck: expected {len(self.inplanes)} feature maps, got "
                              f"{len(features)}")
         size = features[self.instrides.index(min(self.instrides))].shape[-2:]
         p = self.patch_size

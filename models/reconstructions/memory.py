@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from utils.errors import UserError
 
 SSIM_MODES = ("global", "local")
 FUSION_MODES = ("concat", "add", "multiply", "attention", "gate")
@@ -22,7 +23,7 @@ FUSION_MODES = ("concat", "add", "multiply", "attention", "gate")
 
 def _check_choice(name, value, valid):
     if value not in valid:
-        raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
+        raise UserError(f"{name} must be one of {list(valid)}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- SSIM
@@ -30,7 +31,7 @@ def _check_choice(name, value, valid):
 def ssim_constants(data_range, k1=0.01, k2=0.03):
     """Wang et al.'s stabilisers for values spanning ``data_range``."""
     if not data_range > 0:
-        raise ValueError(f"SSIM data_range must be > 0, got {data_range!r}")
+        raise UserError(f"SSIM data_range must be > 0, got {data_range!r}")
     return (k1 * data_range) ** 2, (k2 * data_range) ** 2
 
 
@@ -45,9 +46,9 @@ def ssim_kernel(map_size, mode="local", window=11, sigma=1.5, dtype=None, device
     if mode == "global":
         return torch.full((h, w), 1.0 / (h * w), dtype=dtype, device=device)
     if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
-        raise ValueError(f"ssim_window must be a positive odd integer, got {window!r}")
+        raise UserError(f"ssim_window must be a positive odd integer, got {window!r}")
     if not sigma > 0:
-        raise ValueError(f"SSIM sigma must be > 0, got {sigma!r}")
+        raise UserError(f"SSIM sigma must be > 0, got {sigma!r}")
 
     def taps(size):
         k = min(window, size if size % 2 else size - 1)
@@ -80,7 +81,7 @@ def _ssim_from_stats(mu_x, mu_y, var_x, var_y, exy2, c1, c2):
 def ssim(x, y, data_range, mode="local", window=11, sigma=1.5):
     """SSIM of matching map pairs: ``x``, ``y`` (..., h, w) with equal shapes -> (...)."""
     if x.shape != y.shape:
-        raise ValueError(f"ssim: x {tuple(x.shape)} and y {tuple(y.shape)} differ")
+        raise UserError(f"ssim: x {tuple(x.shape)} and y {tuple(y.shape)} differ")
     lead, (h, w) = x.shape[:-2], x.shape[-2:]
     kernel = ssim_kernel((h, w), mode, window, sigma, x.dtype, x.device)
     x2, y2 = x.reshape(-1, h, w), y.reshape(-1, h, w)
@@ -92,20 +93,31 @@ def ssim(x, y, data_range, mode="local", window=11, sigma=1.5):
 
 
 def _patches(maps, kh, kw):
-    """(M, h, w) -> every kh x kw window, (P, M, K) with P positions and K = kh * kw taps."""
-    m = maps.shape[0]
-    return maps.unfold(1, kh, 1).unfold(2, kw, 1).reshape(m, -1, kh * kw).transpose(0, 1)
+    """(M, h, w) -> every kh x kw window, (P, M, K) with P positions and K = kh * kw taps.
+
+    A gather with a constant index rather than ``unfold``: the same values, and it exports to
+    ONNX with a dynamic M (the exporter cannot size ``unfold``'s input there)."""
+    h, w = (int(s) for s in maps.shape[-2:])
+    dev = maps.device
+    rows = torch.arange(h - kh + 1, device=dev)[:, None, None, None] + \
+        torch.arange(kh, device=dev)[None, None, :, None]
+    cols = torch.arange(w - kw + 1, device=dev)[None, :, None, None] + \
+        torch.arange(kw, device=dev)[None, None, None, :]
+    index = (rows * w + cols).reshape(-1, kh * kw)                    # (P, K) into h * w
+    return maps.flatten(1)[:, index].transpose(0, 1)
 
 
-def pairwise_ssim(queries, slots, data_range, mode="local", window=11, sigma=1.5):
+def pairwise_ssim(queries, slots, data_range, mode="local", window=11, sigma=1.5, kernel=None):
     """SSIM of every query map against every slot map: (Q, h, w) x (N, h, w) -> (Q, N).
+    ``kernel``: the window weights (``ssim_kernel``) when the caller holds them already.
 
     Means and variances come from conv2d, the slots' once. The cross term E_w[x y] of every
     (query, slot, position) is one batched matmul over positions of kernel-weighted query
     patches with slot patches, so the Q x N x h x w products are never materialised; the
     SSIM map is then a single (P, Q, N) pass."""
-    h, w = queries.shape[-2:]
-    kernel = ssim_kernel((h, w), mode, window, sigma, queries.dtype, queries.device)
+    if kernel is None:
+        h, w = queries.shape[-2:]
+        kernel = ssim_kernel((h, w), mode, window, sigma, queries.dtype, queries.device)
     kh, kw = kernel.shape
     mu_q, var_q = (t.t().unsqueeze(2) for t in _local_stats(queries, kernel))  # (P, Q, 1)
     mu_s, var_s = (t.t().unsqueeze(1) for t in _local_stats(slots, kernel))    # (P, 1, N)
@@ -159,11 +171,14 @@ class SpatialMemory(nn.Module):
         ssim_kernel(map_size, mode, window, sigma)  # validates window / sigma early
         ssim_constants(data_range)
         if not temperature > 0:
-            raise ValueError(f"spatial temperature must be > 0, got {temperature!r}")
+            raise UserError(f"spatial temperature must be > 0, got {temperature!r}")
         self.map_size = tuple(map_size)
         self.mode, self.window, self.sigma = mode, window, sigma
         self.data_range = float(data_range)
         self.slots = nn.Parameter(torch.randn(num_slots, *self.map_size) * init_std)
+        # the window weights, made once (a constant of known shape when traced for export)
+        self.register_buffer("ssim_window_kernel", ssim_kernel(self.map_size, mode, window, sigma,
+                                                               torch.float32), persistent=False)
         log_t = torch.tensor(math.log(temperature))
         if learn_temperature:
             self.log_temperature = nn.Parameter(log_t)
@@ -175,14 +190,14 @@ class SpatialMemory(nn.Module):
         variances are differences E[x^2] - mu^2 that half precision cannot resolve."""
         with torch.autocast(maps.device.type, enabled=False):
             return pairwise_ssim(maps.float(), self.slots.float(), self.data_range, self.mode,
-                                 self.window, self.sigma)
+                                 self.window, self.sigma, self.ssim_window_kernel)
 
     def forward(self, maps):
         """(B, C, h, w) -> read-out (B, C, h, w) and attention over slots (B, C, N)."""
         b, c, h, w = maps.shape
         if (h, w) != self.map_size:
-            raise ValueError(f"SpatialMemory built for {self.map_size} maps, got {(h, w)}")
-        sim = self.similarity(maps.reshape(b * c, h, w))
+            raise UserError(f"SpatialMemory built for {self.map_size} maps, got {(h, w)}")
+        sim = self.similarity(maps.reshape(-1, *self.map_size))  # static h, w when traced
         att = torch.softmax(sim / self.log_temperature.exp(), dim=-1)
         out = att @ self.slots.flatten(1)
         return out.reshape(b, c, h, w), att.reshape(b, c, -1)

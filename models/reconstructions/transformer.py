@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from models.layers.chunked_attention import attention_dropout
 from models.layers.fast_dropout import FastDropout, relu_dropout_
+from utils.errors import UserError
 
 
 def neighbor_mask_loops(feature_size, neighbor_size):
@@ -49,7 +50,7 @@ def neighbor_mask(feature_size, neighbor_size):
            ((xs[:, None] - xs[None, :]).abs() <= wm // 2)
     allowed = ~near
     if not allowed.any(dim=1).all():
-        raise ValueError(f"neighbor_mask {list(neighbor_size)} covers the whole "
+        raise UserError(f"neighbor_mask {list(neighbor_size)} covers the whole "
                          f"{h}x{w} feature map for some tokens: nothing left to attend to; "
                          f"use a smaller neighbor_size or a larger input")
     return allowed
@@ -62,7 +63,7 @@ class MultiheadAttention(nn.Module):
         super().__init__()
         self.impl = "sdpa"
         if dim % num_heads:
-            raise ValueError(f"hidden_dim {dim} is not divisible by nhead {num_heads}")
+            raise UserError(f"hidden_dim {dim} is not divisible by nhead {num_heads}")
         self.dim, self.num_heads, self.dropout = dim, num_heads, dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
@@ -119,7 +120,7 @@ class MultiheadAttention(nn.Module):
 def _activation(name):
     acts = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
     if name not in acts:
-        raise ValueError(f"activation must be one of {list(acts)}, got '{name}'")
+        raise UserError(f"activation must be one of {list(acts)}, got '{name}'")
     return acts[name]
 
 
@@ -210,7 +211,7 @@ class Transformer(nn.Module):
         if neighbor_mask_cfg:
             self.use_mask = [bool(m) for m in neighbor_mask_cfg.get("mask", [True] * 3)]
             if len(self.use_mask) != 3:
-                raise ValueError("neighbor_mask.mask must have 3 booleans [enc, dec1, dec2]")
+                raise UserError("neighbor_mask.mask must have 3 booleans [enc, dec1, dec2]")
             size = neighbor_mask_cfg.get("neighbor_size", [7, 7])
             self.feature_size, self.neighbor_size = tuple(feature_size), tuple(size)
             self.register_buffer("mask", neighbor_mask(feature_size, size), persistent=False)
@@ -221,7 +222,7 @@ class Transformer(nn.Module):
         """'sdpa' (default: mask built once, fast dropout) or 'reference' (UniAD-style, see
         module doc)."""
         if impl not in ("sdpa", "reference"):
-            raise ValueError(f"attn_impl must be 'sdpa' or 'reference', got '{impl}'")
+            raise UserError(f"attn_impl must be 'sdpa' or 'reference', got '{impl}'")
         self.attn_impl = impl
         for module in self.modules():
             if isinstance(module, MultiheadAttention):
@@ -303,4 +304,4 @@ def build_position_embedding(kind, feature_size, hidden_dim):
         return PositionEmbeddingSine(feature_size, hidden_dim // 2)
     if kind in ("learned", "v3"):
         return PositionEmbeddingLearned(feature_size, hidden_dim // 2)
-    raise ValueError(f"pos_embed_type must be 'learned' or 'sine', got '{kind}'")
+    raise UserError(f"pos_embed_type must be 'learned' or 'sine', got '{kind}'")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from models.initializer import initialize_from_cfg
 from models.reconstructions.transformer import Transformer, build_position_embedding
 from models.registry import MODELS
+from utils.errors import UserError
 
 
 def add_feature_jitter(tokens, scale, prob, generator=None):
@@ -32,7 +33,7 @@ class FeatureReconstruction(nn.Module):
                  feature_jitter):
         super().__init__()
         if len(inplanes) != 1 or len(instrides) != 1:
-            raise ValueError(f"{type(self).__name__} expects one input map (an MFCN neck before "
+            raise UserError(f"{type(self).__name__} expects one input map (an MFCN neck before "
                              f"it), got inplanes={inplanes} instrides={instrides}")
         self.inplanes, self.instrides = list(inplanes), list(instrides)
         self.feature_size = list(feature_size)
@@ -43,7 +44,7 @@ class FeatureReconstruction(nn.Module):
 
     def tokens_in(self, feature_align):
         if tuple(feature_align.shape[-2:]) != tuple(self.feature_size):
-            raise ValueError(f"{type(self).__name__}: feature map is "
+            raise UserError(f"{type(self).__name__}: feature map is "
                              f"{tuple(feature_align.shape[-2:])}, the model was built for "
                              f"{tuple(self.feature_size)} (input_size / stride)")
         tokens = feature_align.flatten(2).transpose(1, 2)  # B, HW, C
@@ -87,7 +88,7 @@ class UniAD(FeatureReconstruction):
                                        dropout, activation, normalize_before)
         self.transformer.set_attn_impl(attn_impl)
         if save_recon:
-            raise ValueError("save_recon is not supported; use tools/predict.py for outputs")
+            raise UserError("save_recon is not supported; use tools/predict.py for outputs")
         initialize_from_cfg(self, initializer)
 
     def forward(self, input):

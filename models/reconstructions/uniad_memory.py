@@ -14,6 +14,7 @@ from models.reconstructions.memory import (FUSION_MODES, ChannelMemory, SpatialM
 from models.reconstructions.transformer import Transformer
 from models.reconstructions.uniad import FeatureReconstruction
 from models.registry import MODELS
+from utils.errors import UserError
 
 MEMORY_MODES = ("channel", "spatial", "both", "none")
 
@@ -45,7 +46,7 @@ class UniADMemory(FeatureReconstruction):
         super().__init__(inplanes, instrides, feature_size, hidden_dim, pos_embed_type,
                          feature_jitter)
         if save_recon:
-            raise ValueError("save_recon is not supported; use tools/predict.py for outputs")
+            raise UserError("save_recon is not supported; use tools/predict.py for outputs")
         self.transformer = Transformer(hidden_dim, feature_size, neighbor_mask, nhead,
                                        num_encoder_layers, num_decoder_layers, dim_feedforward,
                                        dropout, activation, normalize_before)

@@ -10,12 +10,17 @@ backbone entirely; any change gives a new key, never a stale hit.
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
+
+from datasets.builder import build_loader
+from utils import distributed as du
+from utils.errors import UserError
 
 META_KEYS = ("mask", "label", "clsname", "filename", "index")
 
@@ -130,16 +135,10 @@ def load_cache(path, key):
 def build_feature_cache(model, loader, device, dtype=torch.float32, progress=True,
                         desc="caching features"):
     """Outputs of the last frozen-prefix module for every sample, indexed as the dataset."""
-    names = model.frozen_prefix
-    last = getattr(model, names[-1])
-    was_training = model.training
-    model.eval()
+    stop = len(model.frozen_prefix)
     items = [None] * len(loader.dataset)
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        data = {"image": batch["image"].to(device)}
-        for name in names[:-1]:
-            data.update(getattr(model, name)(data))
-        out = last(data)
+        out = model.prefix_outputs(batch["image"].to(device), stop)
         for i, index in enumerate(batch["index"].tolist()):
             item = {k: v[i].to("cpu", dtype) for k, v in out.items()
                     if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == len(batch["index"])}
@@ -147,5 +146,78 @@ def build_feature_cache(model, loader, device, dtype=torch.float32, progress=Tru
                 value = batch[key][i]
                 item[key] = value.item() if key in ("label", "index") else value
             items[index] = item
-    model.train(was_training)
     return CachedFeatureDataset(items)
+
+
+class FeatureCacheMixin:
+    """The Trainer's cache side: decide, build (or read) once, swap the loaders and the net."""
+
+    def _cache_wanted(self, setting):
+        """``trainer.feature_cache``: auto (when valid), true (error when invalid), false."""
+        if not setting:
+            return False
+        prefix = self.model.frozen_prefix
+        reasons = []
+        if not prefix or len(prefix) == len(self.model.module_names):
+            reasons.append("no frozen leading modules before a trainable one")
+        if getattr(self.train_set, "augment", None) is not None:
+            reasons.append("training augmentations are on (inputs change every epoch)")
+        if not getattr(self.train_set, "deterministic", True):
+            reasons.append("the training data is generated on the fly")
+        if reasons:
+            if setting is True:
+                raise UserError(f"trainer.feature_cache: true, but {'; '.join(reasons)}")
+            self.logger.info(f"feature cache off: {'; '.join(reasons)}")
+            return False
+        return True
+
+    def _cache_dtype(self):
+        return torch.float16 if self.cfg.trainer.get("feature_cache_dtype") == "float16" \
+            else torch.float32
+
+    def _ensure_cache(self, train):
+        """Swap a loader for one over cached prefix outputs, on first use."""
+        if not self.use_cache or (self._train_cached if train else self._test_cached):
+            return
+        t0 = time.time()
+        if train:
+            # own generator: building the cache must not consume the global RNG, or the
+            # feature jitter after it would differ from an uncached run
+            base = build_loader(self.train_set, self.batch_size, self.workers, shuffle=False,
+                                generator=torch.Generator().manual_seed(self.seed))
+            cached, where = self._cached_features(self.train_set, base, "train")
+            self.train_loader = build_loader(cached, self.batch_size, 0, shuffle=True,
+                                             generator=self.loader_gen, sampler=self.sampler)
+            self._train_cached = True
+        else:
+            base = build_loader(self.test_set, self.test_batch_size, self.workers,
+                                shuffle=False, generator=torch.Generator().manual_seed(self.seed))
+            cached, where = self._cached_features(self.test_set, base, "test")
+            self.test_loader = self._test_loader(cached, 0)
+            self._test_cached = True
+        self.net = SkipPrefix(self.model, len(self.model.frozen_prefix))
+        self.train_net = self._wrap_train(self.net)
+        self.logger.info(f"cached {'train' if train else 'test'} features of "
+                         f"{', '.join(self.model.frozen_prefix)} for {len(cached)} images, "
+                         f"{where} ({time.time() - t0:.1f}s)")
+
+    def _cached_features(self, dataset, loader, split):
+        """In memory, or through ``trainer.feature_cache_dir`` on disk (rank 0 writes, the
+        other ranks read). Returns the cached dataset and where it came from."""
+        dtype = self._cache_dtype()
+        desc = f"caching {split} features"
+        cache_dir = self.cfg.trainer.get("feature_cache_dir")
+        if not cache_dir:
+            return build_feature_cache(self.model, loader, self.device, dtype, self.progress,
+                                       desc), "computed"
+        key = cache_key(self.model, dataset, self.cfg.net, dtype, split)
+        path = Path(cache_dir) / f"{split}-{key[:32]}.pt"
+        with du.main_process_first():
+            cached = load_cache(path, key)
+            if cached is not None and len(cached) == len(dataset):
+                return cached, f"read from {path}"
+            cached = build_feature_cache(self.model, loader, self.device, dtype, self.progress,
+                                         desc)
+            if self.is_main:
+                save_cache(cached, path, key)
+        return cached, f"computed and written to {path}"

@@ -1,0 +1,176 @@
+"""Evaluation and reporting: metrics of the current weights, a checkpoint's evaluation (with
+the leakage guard and the protocol of what it went through), and the result files."""
+from pathlib import Path
+
+from utils import distributed as du
+from utils.checkpoint import load_checkpoint
+from utils.config import to_plain
+from utils.evaluator import (compute_thresholds, metrics_from_inference, normal_percentile,
+                             run_inference, write_scores, write_thresholds)
+from utils.results import protocol_line, results_table, write_results
+from utils.visualize import log_evaluation_images, vis_settings, write_panels
+from utils.errors import UserError
+
+
+def gather_inference(parts):
+    """Merge the ranks' shards of ``run_inference`` output back into dataset order."""
+    import numpy as np
+
+    merged = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        merged[key] = np.concatenate(values) if isinstance(values[0], np.ndarray) else \
+            [v for part in values for v in part]
+    order = np.argsort(merged["index"], kind="stable")
+    for key, value in merged.items():
+        merged[key] = value[order] if isinstance(value, np.ndarray) else \
+            [value[i] for i in order]
+    if len(np.unique(merged["index"])) != len(merged["index"]):
+        raise RuntimeError("distributed evaluation saw an image twice")
+    return merged
+
+
+class EvaluationMixin:
+    """The Trainer's evaluation side: ``evaluate_now``, ``evaluate``, ``protocol``, ``report``."""
+
+    def protocol(self, epochs_trained=None, reported=None):
+        """What the figures mean, from what the weights actually went through."""
+        backbone = self.cfg.net[0]
+        epochs = self.max_epoch if epochs_trained is None else epochs_trained
+        protocol = {
+            "dataset": self.cfg.dataset.get("type", "explicit"),
+            "classes": list(self.classes),
+            "setting": self.record.get("setting") or
+            ("single-class" if self.class_name else "unified"),
+            "input_size": list(self.cfg.dataset.input_size),
+            "resize": self.cfg.dataset.get("resize", "cv2_linear"),
+            "epochs": epochs,
+            "reported": reported or f"final epoch ({epochs})",
+            "seed": self.seed,
+            "image_score": self.score_cfg["reduction"] +
+            (f"(avgpool {self.score_cfg['kernel']})" if self.score_cfg["reduction"] == "max"
+             else ""),
+            "backbone": (backbone.get("kwargs") or {}).get("model_name") or
+            backbone.type.rsplit(".", 1)[-1],
+        }
+        if self.max_epoch != epochs:
+            protocol["epochs_planned"] = self.max_epoch
+        seen = getattr(self.train_set, "seen_anomalies", None)
+        if seen:  # semi-supervised: which test images became training anomalies
+            protocol["seen_anomalies"] = seen
+        overrides = [h for h in self.record.get("history", []) if h.get("changes")]
+        if overrides:  # accepted --override changes: the config differs from the one started
+            protocol["overrides"] = [f"{c['key']}: {c['old']!r} -> {c['new']!r} "
+                                     f"({h['action']} {h['time']})"
+                                     for h in overrides for c in h["changes"]]
+        return protocol
+
+    def evaluate_now(self, epoch=None, protocol=None):
+        """Metrics of the current weights; also sets ``self.thresholds`` (saved with the next
+        checkpoint) and ``self.last_inference`` (maps and scores, for pictures)."""
+        self._ensure_cache(train=False)
+        inf = run_inference(self.net, self.test_loader, self.device, self.score_cfg,
+                            self.amp_dtype, progress=self.progress)
+        if self.world > 1:
+            inf = gather_inference(du.all_gather_objects(inf))
+        per_class, mean = metrics_from_inference(inf, self.metrics, self.classes)
+        if protocol is None:
+            protocol = self.protocol(epochs_trained=epoch, reported=f"epoch {epoch}"
+                                     if epoch is not None and epoch != self.max_epoch
+                                     else None)
+        results = {"protocol": protocol, "per_class": per_class, "mean": mean}
+        self.thresholds = compute_thresholds(inf, self.score_cfg, self.classes,
+                                             normal_percentile(self.cfg), epoch)
+        self.last_inference = inf
+        if epoch is not None:
+            results["epoch"] = epoch
+            for name, value in mean.items():
+                if value is not None:
+                    self.writer.add_scalar(f"val/mean_{name}", value, epoch)
+            for cls, values in per_class.items():
+                for name, value in values.items():
+                    if value is not None:
+                        self.writer.add_scalar(f"val/{cls}/{name}", value, epoch)
+            log_evaluation_images(self.writer, inf, self.test_set, self.thresholds, epoch,
+                                  vis_settings(self.cfg))
+            self.logger.info(f"evaluation at epoch {epoch}:\n" +
+                             results_table(results, fmt="simple"))
+        return results
+
+    def check_leakage(self, state, checkpoint):
+        """Refuse to score images the weights were fitted on (seen anomalies, training files)."""
+        trained = set(state.get("train_files") or [])
+        leaked = sorted(str(r["filename"]) for r in self.test_set.records
+                        if str(r["filename"]) in trained)
+        if leaked:
+            raise UserError(
+                f"the evaluation set holds {len(leaked)} image(s) that checkpoint {checkpoint} "
+                f"was trained on, e.g. {', '.join(leaked[:5])}; scoring them would inflate the "
+                f"figures. Evaluate with the run's own config (its dataset.seen_anomalies "
+                f"removes them from the test set)")
+
+    def evaluate(self, checkpoint, vis=False, trusted=False, allow_changes=False):
+        """See ``_evaluate``; an evaluation refused before it ran leaves no folder behind."""
+        try:
+            return self._evaluate(checkpoint, vis, trusted, allow_changes)
+        except BaseException:
+            self.close()
+            if getattr(self, "created_folder", False) and not (
+                    self.work_dir / "results.json").exists():
+                import shutil
+
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+            raise
+
+    def _evaluate(self, checkpoint, vis, trusted, allow_changes):
+        """Evaluate a checkpoint (left unchanged) into this Trainer's folder: results.json/md,
+        per-image ``scores.csv``, ``thresholds.json`` and, with ``vis``, panels under
+        ``vis/<class>/<defect>``. The protocol says what the checkpoint went through."""
+        from utils.run_record import config_diff, format_changes
+
+        state = load_checkpoint(checkpoint, map_location=self.device, trusted=trusted)
+        accepted = {c["key"] for h in self.record.get("history", []) for c in h["changes"]}
+        differs = [d for d in config_diff(state.get("config") or {}, to_plain(self.cfg))
+                   if d[0] not in accepted]  # changes the run's history already records
+        if differs and not allow_changes:
+            raise UserError(f"checkpoint {checkpoint} was trained with another config than "
+                             f"the one evaluating it:\n{format_changes(differs)}\nadd "
+                             f"--override to evaluate it so anyway (recorded in the results)")
+        self.check_leakage(state, checkpoint)
+        self.load_state(state, resume=False)
+        epoch, step = state.get("epoch"), int(state.get("step") or 0)
+        done = f"{epoch} epochs" + (f" and {step} steps" if step else "")
+        protocol = self.protocol(epochs_trained=epoch,
+                                 reported=f"checkpoint {Path(checkpoint).name} after {done}")
+        trained_for = ((state.get("config") or {}).get("trainer") or {}).get("max_epoch")
+        if trained_for is not None:
+            protocol["epochs_planned"] = trained_for
+        if state.get("run", {}).get("seen_anomalies"):
+            protocol["seen_anomalies"] = state["run"]["seen_anomalies"]
+        if differs:
+            protocol["overrides"] = [f"{k}: {o!r} -> {n!r} (evaluation)" for k, o, n in differs]
+        results = self.evaluate_now(protocol=protocol)
+        results["checkpoint"] = str(Path(checkpoint).resolve())
+        results["epoch"] = epoch
+        self.thresholds["epoch"] = epoch
+        self.report(results, title=f"checkpoint {checkpoint}")
+        if not self.is_main:
+            self.close()
+            return results
+        write_thresholds(self.thresholds, self.work_dir)
+        write_scores(self.last_inference, self.thresholds, self.work_dir)
+        if vis:
+            settings = vis_settings(self.cfg)
+            paths = write_panels(self.last_inference, self.test_set, self.thresholds,
+                                 self.work_dir / "vis", settings["normalize"],
+                                 settings["max_images"], settings["alpha"])
+            self.logger.info(f"{len(paths)} panels written under {self.work_dir / 'vis'}")
+        self.close()
+        return results
+
+    def report(self, results, title):
+        if not self.is_main:
+            return
+        write_results(results, self.work_dir)
+        self.logger.info(f"results ({title})\n{protocol_line(results['protocol'])}\n" +
+                         results_table(results, fmt="simple"))
