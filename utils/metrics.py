@@ -114,23 +114,44 @@ class _Curve:
             return None
         return float(self.thr[int(np.argmax(self._f1()))])
 
+    def _polyline(self, y_at):
+        """(x, y): (0, 0), then per group (fp_gt, y_prev) -> (fp_ge, y), finally (1, y_last);
+        x = FPR. A tie group is one straight segment (scikit-learn's convention)."""
+        n = float(self.n_neg)
+        y_prev = np.concatenate(([0.0], y_at[:-1]))
+        x = np.empty(2 * len(y_at) + 2)
+        y = np.empty_like(x)
+        x[0] = y[0] = 0.0
+        x[1:-1:2], y[1:-1:2] = self.fp_gt / n, y_prev
+        x[2:-1:2], y[2:-1:2] = self.fp_ge / n, y_at
+        x[-1], y[-1] = 1.0, y_at[-1]
+        return x, y
+
+    def roc_xy(self):
+        """ROC polyline (fpr, tpr); its trapezoid area is ``auroc()``."""
+        return self._polyline(self.tp / self.n_pos)
+
+    def pr_xy(self):
+        """PR points (recall, precision) by increasing recall, one per group, after (0, 1);
+        ``ap()`` is the area of its step function (precision of the right end)."""
+        recall = np.concatenate(([0.0], self.tp / self.n_pos))
+        precision = np.concatenate(([1.0], self.tp / (self.tp + self.fp_ge)))
+        return recall, precision
+
+    def pro_xy(self, fpr_limit: Optional[float] = None):
+        """PRO polyline (fpr, pro); with ``fpr_limit`` cut at that FPR (interpolated there),
+        so its trapezoid area / fpr_limit is ``aupro(fpr_limit)``."""
+        x, y = self._polyline(self.pro)
+        return (x, y) if fpr_limit is None else _cut(x, y, fpr_limit)
+
     def aupro(self, fpr_limit: float = 0.3) -> Optional[float]:
         if not self.valid or self.pro is None:
             return None
-        n = float(self.n_neg)
-        pro_prev = np.concatenate(([0.0], self.pro[:-1]))
-        # points: (0,0), then per group (fp_gt, pro_prev) -> (fp_ge, pro), finally (1, pro_last)
-        x = np.empty(2 * len(self.pro) + 2)
-        y = np.empty_like(x)
-        x[0] = y[0] = 0.0
-        x[1:-1:2], y[1:-1:2] = self.fp_gt / n, pro_prev
-        x[2:-1:2], y[2:-1:2] = self.fp_ge / n, self.pro
-        x[-1], y[-1] = 1.0, self.pro[-1]
-        return _partial_area(x, y, fpr_limit)
+        return _partial_area(*self.pro_xy(), fpr_limit)
 
 
-def _partial_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
-    """Trapezoid area under (x, y) for x in [0, limit] (curve interpolated at ``limit``) / limit."""
+def _cut(x: np.ndarray, y: np.ndarray, limit: float):
+    """The polyline (x ascending) for x in [0, limit], interpolated at exactly ``limit``."""
     if not 0.0 < limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {limit}")
     i = int(np.searchsorted(x, limit, side="right"))  # x[:i] <= limit < x[i]
@@ -139,6 +160,12 @@ def _partial_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
         y_lim = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
         x = np.append(x[:i], limit)
         y = np.append(y[:i], y_lim)
+    return x, y
+
+
+def _partial_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
+    """Trapezoid area under (x, y) for x in [0, limit] (curve interpolated at ``limit``) / limit."""
+    x, y = _cut(x, y, limit)
     area = float(np.sum(np.diff(x) * (y[1:] + y[:-1])) * 0.5)
     return float(min(1.0, max(0.0, area / limit)))
 
@@ -342,6 +369,32 @@ def pixel_aupro(maps, masks, fpr_limit: float = 0.3) -> Optional[float]:
     all normal pixels of the class. The curve is interpolated at exactly ``fpr_limit``; result <= 1.
     """
     return _build_curve(maps, masks, regions=True).aupro(fpr_limit)
+
+
+def ranking_curves(scores, labels, regions: bool = False,
+                   fpr_limit: float = 0.3) -> Optional[Dict[str, object]]:
+    """Plot-ready curves from the very curve the metrics above are computed on (one pass).
+
+    Returns None when the inputs hold one class only; else a dict with ``roc`` (fpr, tpr),
+    ``pr`` (recall, precision; step function, precision of each step's right end), ``auroc``,
+    ``ap``, ``f1max``, ``f1_threshold``, ``n_pos``, ``n_neg`` and, with ``regions=True`` (maps
+    N x H x W), ``pro`` (fpr, pro) cut at ``fpr_limit`` and ``aupro``: the trapezoid area of
+    ``roc`` is ``auroc``, that of ``pro`` divided by ``fpr_limit`` is ``pixel_aupro``.
+    """
+    if regions:
+        c = _build_curve(scores, labels, regions=True)
+    else:
+        c = _build_curve(np.ravel(_to_numpy(scores)), np.ravel(_to_numpy(labels)))
+    if not c.valid:
+        return None
+    out = {"roc": c.roc_xy(), "pr": c.pr_xy(), "auroc": c.auroc(), "ap": c.ap(),
+           "f1max": c.f1max(), "f1_threshold": c.f1_threshold(), "n_pos": c.n_pos,
+           "n_neg": c.n_neg}
+    if regions:
+        out["pro"] = c.pro_xy(fpr_limit)
+        out["aupro"] = c.aupro(fpr_limit)
+        out["fpr_limit"] = float(fpr_limit)
+    return out
 
 
 def compute_class_metrics(image_scores, image_labels, maps=None, masks=None,
