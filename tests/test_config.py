@@ -250,3 +250,58 @@ def test_saved_floats_reload_as_floats(tree, tmp_path):
     assert kw.lr == 1e-4 and kw.eps == 1e-20 and again.trainer.clip_max_norm == 1e20
     assert all(isinstance(v, float) for v in (kw.lr, kw.eps, again.trainer.clip_max_norm))
     assert again.net[0].kwargs.tag == "1e5"  # a string that looks like a number stays one
+
+
+def test_one_source_of_defaults_runtime_yaml_shows_them_and_a_bare_config_gets_them(tmp_path):
+    import yaml
+
+    from conftest import ROOT
+    from utils.config import load_config
+    from utils.config_defaults import DEFAULTS
+
+    runtime = yaml.safe_load((ROOT / "configs" / "runtime.yaml").read_text())
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    def at(tree, dotted):
+        for part in dotted.split("."):
+            tree = tree[part]
+        return tree
+
+    for key, value in leaves(DEFAULTS):
+        assert at(runtime, key) == value, key  # runtime.yaml shows every default as it is
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(yaml.safe_dump({"dataset": {"type": "explicit", "input_size": [64, 64]},
+                                    "net": []}))
+    cfg = load_config(bare, validate=False)
+    for key, value in leaves(DEFAULTS):
+        assert at(cfg, key) == value, key
+    # a config's own value wins
+    cfg = load_config(bare, ["trainer.max_epoch=3"], validate=False)
+    assert cfg.trainer.max_epoch == 3 and cfg.trainer.val_freq_epoch == 10
+
+
+def test_unused_uniad_keys_get_a_one_line_warning(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    import yaml
+
+    from conftest import ROOT
+    from tools._common import load_cfg
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "_base_": str(ROOT / "configs" / "runtime.yaml"),
+        "saver": {"auto_resume": True}, "port": 11111,
+        "trainer": {"tb_freq_step": 5}, "dataset": {"type": "explicit"}, "net": []}))
+    load_cfg(SimpleNamespace(config=str(cfg), opts=[]))
+    err = capsys.readouterr().err.strip().splitlines()
+    warned = [line for line in err if "never read" in line]
+    assert len(warned) == 1
+    for key in ("port", "saver", "trainer.tb_freq_step"):
+        assert key in warned[0]

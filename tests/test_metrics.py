@@ -7,6 +7,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from utils import metrics as M
+from utils import ranking_curve as RC
 
 try:
     import torch
@@ -194,7 +195,7 @@ def test_aupro_region_weighting_and_8_connectivity():
     maps[0, 3, 3] = 2.0  # one third of the big region above everything: PRO = (1 + 1/3) / 2
     assert M.pixel_aupro(maps, masks) == pytest.approx(2 / 3, abs=1e-12)
     # (4-connectivity would give 4 regions and PRO = (1 + 1) / 4 = 0.5 here)
-    lab, n = M._label_regions(masks[0])
+    lab, n = RC._label_regions(masks[0])
     assert n == 2
 
 
@@ -202,9 +203,9 @@ def test_scipy_labelling_fallback_equal(monkeypatch):
     rng = np.random.default_rng(9)
     maps, masks = blob_data(rng, quant=4)
     for m in masks:  # default (cv2) labelling vs scipy
-        assert M._label_regions(m)[1] == ndimage.label(m, structure=np.ones((3, 3)))[1]
+        assert RC._label_regions(m)[1] == ndimage.label(m, structure=np.ones((3, 3)))[1]
     ref = M.pixel_aupro(maps, masks)
-    monkeypatch.setattr(M, "_cv2", None)
+    monkeypatch.setattr(RC, "_cv2", None)
     assert M.pixel_aupro(maps, masks) == pytest.approx(ref, abs=1e-12)
 
 

@@ -136,10 +136,16 @@ def load_cfg(args, classes=None):
     """Config with ``--opts`` and the data arguments applied, validated again afterwards."""
     from utils.config import load_config, validate_config
 
+    from utils.config_defaults import unused_keys
+
     cfg = load_config(args.config, args.opts)
     apply_data_args(cfg, getattr(args, "data_root", None), getattr(args, "data_type", None),
                     classes, log=lambda m: print(m, file=sys.stderr))
     validate_config(cfg, str(args.config))
+    unused = unused_keys(cfg)
+    if unused:
+        print(f"warning: {args.config}: UniAD keys accepted for compatibility but never read "
+              f"here: {', '.join(unused)}", file=sys.stderr)
     return cfg
 
 

@@ -31,8 +31,9 @@ def parse_args(argv=None):
                    help="checkpoint for --evaluate (default: <work_dir>/checkpoints/last.pth, "
                         "the final epoch)")
     p.add_argument("--vis", action="store_true",
-                   help="with --evaluate: panels (image | ground truth | heat map | mask) under "
-                        "the evaluation's vis/<class>/<defect>/ (settings: evaluator.vis)")
+                   help="accepted for older commands: every evaluation now draws its panels "
+                        "(image | ground truth | heat map | mask) under vis/<class>/<defect>/, "
+                        "curves and report.html (settings: evaluator.vis)")
     p.add_argument("--resume", action="store_true",
                    help="continue from <work_dir>/checkpoints/last.pth")
     add_run_args(p)

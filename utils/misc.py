@@ -26,3 +26,16 @@ def resolve_device(name=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available")
     return device
+
+
+def amp_dtype_for(setting, device):
+    """``trainer.amp``: false | true (fp16 on CUDA, bf16 on CPU) | 'fp16' | 'bf16'."""
+    if not setting:
+        return None
+    if setting == "bf16":
+        return torch.bfloat16
+    if setting == "fp16" or (setting is True and device.type == "cuda"):
+        if device.type != "cuda":
+            raise UserError("trainer.amp 'fp16' needs CUDA; use 'bf16' on CPU")
+        return torch.float16
+    return torch.bfloat16

@@ -2,6 +2,7 @@
 import torch
 
 from utils.config import to_plain
+from utils.misc import amp_dtype_for  # noqa: F401  (part of the engine's API)
 from utils.errors import UserError
 
 OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.optim.SGD}
@@ -44,14 +45,34 @@ def schedule_changed(old_cfg, new_cfg):
     return old_cfg is not None and part(old_cfg) != part(new_cfg)
 
 
-def amp_dtype_for(setting, device):
-    """``trainer.amp``: false | true (fp16 on CUDA, bf16 on CPU) | 'fp16' | 'bf16'."""
-    if not setting:
-        return None
-    if setting == "bf16":
-        return torch.bfloat16
-    if setting == "fp16" or (setting is True and device.type == "cuda"):
-        if device.type != "cuda":
-            raise UserError("trainer.amp 'fp16' needs CUDA; use 'bf16' on CPU")
-        return torch.float16
-    return torch.bfloat16
+def wrap_training_net(net, trainer_cfg, device, world, trains):
+    """The module the training step calls: DDP when distributed (and something trains), then
+    ``torch.compile`` when ``trainer.compile`` (evaluation runs the plain module)."""
+    if world > 1 and trains:
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        # buffers here are frozen statistics and constants: no need to sync them every step
+        sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+            inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False}
+        net = DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(trainer_cfg.find_unused_parameters),
+            **sync)
+    mode = trainer_cfg.compile
+    if mode:
+        import os
+        import shutil
+
+        import torch._inductor.config as inductor_config
+
+        if device.type == "cpu" and not any(
+                shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+            raise UserError("trainer.compile on CPU needs a C++ compiler (g++ or clang++, or "
+                            "$CXX) for torch.compile's code generation; install one or set "
+                            "trainer.compile: false")
+        # random draws (jitter, dropout) as in eager mode: compiling changes speed only
+        inductor_config.fallback_random = True
+        net = torch.compile(net, mode=None if mode is True else mode)
+    return net

@@ -8,7 +8,7 @@ from utils.config import to_plain
 from utils.evaluator import (compute_thresholds, metrics_from_inference, normal_percentile,
                              run_inference, write_scores, write_thresholds)
 from utils.results import protocol_line, results_table, write_results
-from utils.visualize import log_evaluation_images, vis_settings, write_panels
+from utils.visualize import log_evaluation_images, vis_settings
 from utils.errors import UserError
 
 
@@ -65,7 +65,7 @@ class EvaluationMixin:
                                      for h in overrides for c in h["changes"]]
         return protocol
 
-    def evaluate_now(self, epoch=None, protocol=None):
+    def evaluate_now(self, epoch=None, protocol=None, step=None):
         """Metrics of the current weights; also sets ``self.thresholds`` (saved with the next
         checkpoint) and ``self.last_inference`` (maps and scores, for pictures)."""
         self._ensure_cache(train=False)
@@ -84,14 +84,15 @@ class EvaluationMixin:
         self.last_inference = inf
         if epoch is not None:
             results["epoch"] = epoch
+            tb_step = epoch if step is None else step
             for name, value in mean.items():
                 if value is not None:
-                    self.writer.add_scalar(f"val/mean_{name}", value, epoch)
+                    self.writer.add_scalar(f"val/mean_{name}", value, tb_step)
             for cls, values in per_class.items():
                 for name, value in values.items():
                     if value is not None:
-                        self.writer.add_scalar(f"val/{cls}/{name}", value, epoch)
-            log_evaluation_images(self.writer, inf, self.test_set, self.thresholds, epoch,
+                        self.writer.add_scalar(f"val/{cls}/{name}", value, tb_step)
+            log_evaluation_images(self.writer, inf, self.test_set, self.thresholds, tb_step,
                                   vis_settings(self.cfg))
             self.logger.info(f"evaluation at epoch {epoch}:\n" +
                              results_table(results, fmt="simple"))
@@ -124,8 +125,10 @@ class EvaluationMixin:
 
     def _evaluate(self, checkpoint, vis, trusted, allow_changes):
         """Evaluate a checkpoint (left unchanged) into this Trainer's folder: results.json/md,
-        per-image ``scores.csv``, ``thresholds.json`` and, with ``vis``, panels under
-        ``vis/<class>/<defect>``. The protocol says what the checkpoint went through."""
+        per-image ``scores.csv``, ``thresholds.json``, and the pictures: curves, histograms,
+        heat-map panels under ``vis/<class>/<defect>`` and ``report.html`` (always drawn;
+        ``vis`` is kept for the ``--vis`` flag of older commands). The protocol says what the
+        checkpoint went through."""
         from utils.run_record import config_diff, format_changes
 
         state = load_checkpoint(checkpoint, map_location=self.device, trusted=trusted)
@@ -159,12 +162,7 @@ class EvaluationMixin:
             return results
         write_thresholds(self.thresholds, self.work_dir)
         write_scores(self.last_inference, self.thresholds, self.work_dir)
-        if vis:
-            settings = vis_settings(self.cfg)
-            paths = write_panels(self.last_inference, self.test_set, self.thresholds,
-                                 self.work_dir / "vis", settings["normalize"],
-                                 settings["max_images"], settings["alpha"])
-            self.logger.info(f"{len(paths)} panels written under {self.work_dir / 'vis'}")
+        self.write_pictures(results, self.work_dir)
         self.close()
         return results
 
@@ -174,3 +172,16 @@ class EvaluationMixin:
         write_results(results, self.work_dir)
         self.logger.info(f"results ({title})\n{protocol_line(results['protocol'])}\n" +
                          results_table(results, fmt="simple"))
+
+    def write_pictures(self, results, out_dir, step=None):
+        """Curves, score histograms, heat-map panels (``vis/``) and ``report.html`` of the
+        latest evaluation (rank 0; TensorBoard images too when training)."""
+        if not self.is_main:
+            return
+        from utils.report import write_evaluation_pictures
+
+        paths = write_evaluation_pictures(
+            self.last_inference, self.thresholds, self.test_set, out_dir, results,
+            writer=self.writer if step is not None else None, step=step,
+            vis_cfg=vis_settings(self.cfg))
+        self.logger.info(f"{len(paths)} pictures and {paths[-1]} written")

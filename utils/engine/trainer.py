@@ -7,7 +7,6 @@ The Trainer's other jobs live beside it: ``feature_cache.py`` (the frozen prefix
 reports) and ``stage_one.py`` (heads fitted on the training data before training).
 """
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -21,7 +20,9 @@ from models import ModelHelper
 from models.losses import Criterion
 from utils import distributed as du
 from utils.config import save_config
-from utils.engine.builders import amp_dtype_for, build_optimizer, build_scheduler
+from utils.config_defaults import apply_defaults
+from utils.engine.builders import build_optimizer, build_scheduler, wrap_training_net
+from utils.misc import amp_dtype_for, set_seed
 from utils.engine.checkpointing import CheckpointMixin
 from utils.engine.evaluation import EvaluationMixin
 from utils.engine.feature_cache import FeatureCacheMixin
@@ -29,7 +30,6 @@ from utils.engine.stage_one import run_stage_one
 from utils.errors import NonFiniteLossError
 from utils.evaluator import evaluator_settings
 from utils.logger import attach_log_file, setup_logger
-from utils.misc import set_seed
 from utils.workdir_lock import WorkDirLock
 from utils.errors import UserError
 
@@ -49,7 +49,7 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
 
     def __init__(self, cfg, work_dir, device, class_name=None, progress=True, logger=None,
                  record=None, changes=None):
-        self.cfg = cfg
+        self.cfg = apply_defaults(cfg)  # a config built in code gets them here
         self.work_dir = Path(work_dir)
         self.device = device
         self.class_name = class_name
@@ -78,22 +78,22 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
     def _build(self, cfg, device, class_name, logger):
         self.ckpt_dir = self.work_dir / "checkpoints"
         self.logger = logger
-        self.seed = int(cfg.get("random_seed", 0))
+        self.seed = int(cfg.random_seed)
         # same seed everywhere for the model's initial weights (DDP also broadcasts rank 0's)
-        set_seed(self.seed, cfg.get("deterministic", False))
+        set_seed(self.seed, cfg.deterministic)
         tr = cfg.trainer
-        self.max_epoch = int(tr.get("max_epoch", 1))
-        self.val_freq = int(tr.get("val_freq_epoch", 1)) or 1
-        self.print_freq = int(tr.get("print_freq_step", 10)) or 10
-        self.clip = tr.get("clip_max_norm")
-        self.on_nonfinite = tr.get("on_nonfinite", "stop")
-        self.max_bad_steps = int(tr.get("max_nonfinite_steps", 20))
-        self.amp_dtype = amp_dtype_for(tr.get("amp", False), device)
+        self.max_epoch = int(tr.max_epoch)
+        self.val_freq = int(tr.val_freq_epoch) or 1
+        self.print_freq = int(tr.print_freq_step) or 10
+        self.clip = tr.clip_max_norm
+        self.on_nonfinite = tr.on_nonfinite
+        self.max_bad_steps = int(tr.max_nonfinite_steps)
+        self.amp_dtype = amp_dtype_for(tr.amp, device)
         self.metrics, self.score_cfg, self.key_metric = evaluator_settings(cfg)
 
         self.model = ModelHelper(cfg.net, input_size=cfg.dataset.input_size,
                                  frozen_layers=cfg.get("frozen_layers")).to(device)
-        self.channels_last = bool(tr.get("channels_last", False))
+        self.channels_last = bool(tr.channels_last)
         if self.channels_last:  # NHWC convolutions: faster backbones on CPU and tensor cores
             self.model.to(memory_format=torch.channels_last)
         self.pixel_mean, self.pixel_std = self._normalisation()
@@ -118,8 +118,8 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
                                          self.max_epoch) if self.optimizer else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         ds = cfg.dataset
-        self.batch_size = int(ds.get("batch_size", 8))
-        self.workers = int(ds.get("workers", 0))
+        self.batch_size = int(ds.batch_size)
+        self.workers = int(ds.workers)
         # order and worker seeds from (seed, epoch) only, never from the global RNG, so an
         # interrupted epoch replays exactly on --resume
         self.loader_gen = torch.Generator()
@@ -135,7 +135,7 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
         self.test_loader = self._test_loader(self.test_set, self.workers)
         self.net = self.model  # what evaluation calls; SkipPrefix when cached
         self.train_net = self._wrap_train(self.net)
-        self.use_cache = self._cache_wanted(tr.get("feature_cache", "auto"))
+        self.use_cache = self._cache_wanted(tr.feature_cache)
         self._train_cached = self._test_cached = False
         self.start_epoch = 0
         self.start_step = 0
@@ -171,40 +171,8 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
                             sampler=sampler, generator=torch.Generator().manual_seed(self.seed))
 
     def _wrap_train(self, net):
-        """The module the training step calls: DDP when distributed, then ``torch.compile``
-        when ``trainer.compile`` (evaluation runs the plain module)."""
-        net = self._wrap_ddp(net)
-        mode = self.cfg.trainer.get("compile", False)
-        if mode:
-            import shutil
-
-            import torch._inductor.config as inductor_config
-
-            if self.device.type == "cpu" and not any(
-                    shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
-                raise UserError("trainer.compile on CPU needs a C++ compiler (g++ or clang++, "
-                                 "or $CXX) for torch.compile's code generation; install one "
-                                 "or set trainer.compile: false")
-
-            # random draws (jitter, dropout) as in eager mode: compiling changes speed only
-            inductor_config.fallback_random = True
-            net = torch.compile(net, mode=None if mode is True else mode)
-        return net
-
-    def _wrap_ddp(self, net):
-        if self.world <= 1 or self.optimizer is None:
-            return net
-        import inspect
-
-        from torch.nn.parallel import DistributedDataParallel
-
-        # buffers here are frozen statistics and constants: no need to sync them every step
-        sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
-            inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False}
-        return DistributedDataParallel(
-            net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=bool(self.cfg.trainer.get("find_unused_parameters", False)),
-            **sync)
+        return wrap_training_net(net, self.cfg.trainer, self.device, self.world,
+                                 self.optimizer is not None)
 
     def _validate_data(self):
         """``dataset.validate`` (default true): decode every file once before training."""
@@ -214,10 +182,10 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
         color = ((ds.get("image_reader") or {}).get("kwargs") or {}).get("color_mode", "RGB")
         for name, dataset in (("train", self.train_set), ("test", self.test_set)):
             source = getattr(dataset, "source", None) or f"the {name} manifest"
-            if ds.get("validate", True):
+            if ds.validate:
                 dataset.records, _ = validate_records(
                     dataset.records, dataset.image_dir, source, color,
-                    ds.get("on_bad_file", "error"), self.progress, self.logger)
+                    ds.on_bad_file, self.progress, self.logger)
                 if not dataset.records:
                     raise UserError(f"no usable {name} images left in {source}")
         check_classes(self.train_set.records, self.test_set.records,
@@ -258,6 +226,7 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
         self.loader_gen.manual_seed(self.seed * 1000003 + epoch)
         self.sampler.set_epoch(epoch, start_step * self.batch_size)
         n = start_step + len(self.train_loader)
+        self.steps_per_epoch = n  # validation is logged at the epoch's last training step
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.max_epoch}",
                    disable=not self.progress, leave=False, dynamic_ncols=True,
                    initial=start_step, total=n)
@@ -371,10 +340,11 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
             log.info(f"epoch {epoch + 1}/{self.max_epoch} loss {loss:.5f} "
                      f"lr {self.optimizer.param_groups[0]['lr']:.2e} "
                      f"({time.time() - t_epoch:.1f}s)")
-            self.writer.add_scalar("train/epoch_loss", loss, epoch + 1)
             done = epoch + 1
+            step = done * self.steps_per_epoch - 1  # train/* and val/* share one step axis
+            self.writer.add_scalar("train/epoch_loss", loss, step)
             if done % self.val_freq == 0 or done == self.max_epoch:
-                results = self.evaluate_now(epoch=done)
+                results = self.evaluate_now(epoch=done, step=step)
                 self.evaluations += 1
                 value = results["mean"].get(self.key_metric)
                 value = -math.inf if value is None else value
@@ -401,6 +371,8 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
                 "per_class": self.best_results["per_class"],
                 "mean": self.best_results["mean"]}
         self.report(final, title=f"final epoch {final.get('epoch')}")
+        self.write_pictures(final, self.work_dir, step=final.get("epoch", 0) *
+                            self.steps_per_epoch - 1)
         return final
 
     def close(self):
