@@ -60,11 +60,17 @@ def write_manifest(path, records):
     for i, rec in enumerate(records):
         _check_record(rec, f"record {i} for {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, "".join(json.dumps(rec) + "\n" for rec in records))
+
+
+def write_text_atomic(path, text):
+    """A unique temp file in the same folder, fsync, then ``os.replace``: readers see the old
+    file or the new one, never half of one."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets.manifest import read_manifest, write_manifest
+from datasets.manifest import read_manifest, write_manifest, write_text_atomic
 from datasets.prepare import build_source, source_fingerprint
 from datasets.prepare.common import PrepareError, check_records, short_hash, summary, \
     write_prepared
@@ -112,18 +112,7 @@ def _read_info(path):
 
 
 def _write_json(path, obj):
-    """Atomically: a unique temp file in the same folder, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=1) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _cached(target, params, fingerprint):
