@@ -26,7 +26,6 @@ is 1 when any file failed (2 for usage errors).
 """
 import argparse
 import csv
-import inspect
 import os
 import sys
 from pathlib import Path
@@ -34,6 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools._common import add_device_args, add_trust_arg, apply_device_args  # noqa: E402
+from utils.detector import (Decider, InputSpec, load_model,  # noqa: E402,F401 (API)
+                            offline_net, preprocess)
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 COLUMNS = ["file", "class", "score", "normalized_score", "is_anomalous", "threshold_from",
@@ -73,51 +74,6 @@ def find_images(path):
     return [(p, p.relative_to(path).as_posix()) for p in files]
 
 
-def _accepts(factory, name):
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    return name in inspect.signature(target).parameters
-
-
-def offline_net(net_cfg):
-    """The ``net:`` list with ``pretrained: false`` / no ``checkpoint_path`` wherever a module
-    takes them: the checkpoint carries every weight."""
-    from models.registry import MODELS
-
-    out = []
-    for entry in net_cfg:
-        entry = dict(entry)
-        kwargs = dict(entry.get("kwargs") or {})
-        factory = MODELS.get(entry["type"])
-        if _accepts(factory, "pretrained"):
-            kwargs["pretrained"] = False
-        if "checkpoint_path" in kwargs:
-            kwargs["checkpoint_path"] = None
-        entry["kwargs"] = kwargs
-        out.append(entry)
-    return out
-
-
-def load_model(checkpoint, device, trusted=False):
-    """(model in eval mode, config, checkpoint state) from a checkpoint file."""
-    from easydict import EasyDict
-
-    from models import ModelHelper
-    from utils.checkpoint import CheckpointError, load_checkpoint
-
-    state = load_checkpoint(checkpoint, map_location="cpu", trusted=trusted)
-    if not isinstance(state.get("config"), dict) or "net" not in state["config"]:
-        raise CheckpointError(f"checkpoint {checkpoint} carries no config (state['config']); "
-                              f"it was not written by DualMem's Trainer")
-    cfg = EasyDict(state["config"])
-    model = ModelHelper(offline_net(cfg.net), input_size=cfg.dataset.input_size,
-                        frozen_layers=cfg.get("frozen_layers"))
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {checkpoint} does not fit the model its config "
-                              f"builds: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.to(device).eval(), cfg, state
-
-
 def class_of(rel, explicit, classes):
     """--class_name, the checkpoint's single class, or a path component naming a class."""
     if explicit:
@@ -128,29 +84,6 @@ def class_of(rel, explicit, classes):
         if part in classes:
             return part
     return None
-
-
-class Decider:
-    """Picks the thresholds and normalisation ranges for an image's class (see module doc)."""
-
-    def __init__(self, thresholds, threshold=None, pixel_threshold=None):
-        self.per_class = (thresholds or {}).get("per_class") or {}
-        self.pooled = (thresholds or {}).get("global") or {}
-        self.threshold, self.pixel_threshold = threshold, pixel_threshold
-
-    def entry(self, cls):
-        if cls is not None and cls in self.per_class:
-            return self.per_class[cls], "class"
-        return self.pooled, "global"
-
-    def __call__(self, cls):
-        entry, source = self.entry(cls)
-        image_t = entry.get("image_threshold") if self.threshold is None else self.threshold
-        pixel_t = entry.get("pixel_threshold") if self.pixel_threshold is None else \
-            self.pixel_threshold
-        if self.threshold is not None:
-            source = "explicit"
-        return entry, source, image_t, pixel_t
 
 
 def _atomic_csv(path, rows):
@@ -168,8 +101,7 @@ def predict(args):
     import numpy as np
     import torch
 
-    from datasets.image_io import (ImageReadError, read_image, resize_image, resize_method,
-                                   to_tensor_normalized)
+    from datasets.image_io import ImageReadError, read_image
     from utils.evaluator import evaluator_settings, normalized_score
     from utils.metrics import image_score_from_map
     from utils.engine import amp_dtype_for
@@ -195,10 +127,10 @@ def predict(args):
     normalize = args.normalize or vis_settings(cfg)["normalize"]
     alpha = vis_settings(cfg)["alpha"]
     ds = cfg.dataset
-    input_size = tuple(ds.input_size)
-    resize = resize_method(ds)  # as trained; a config without dataset.resize: cv2_linear
-    mean, std = state["pixel_mean"], state["pixel_std"]
-    color_mode = ((ds.get("image_reader") or {}).get("kwargs") or {}).get("color_mode", "RGB")
+    # size, colour order, dataset.resize (cv2_linear for a config without it) and the pixel
+    # mean/std as trained; utils.detector.preprocess is the dataset's own conversion
+    spec = InputSpec.from_checkpoint(cfg, state)
+    color_mode = spec.color_mode
     amp_dtype = amp_dtype_for((cfg.get("trainer") or {}).get("amp", False), device)
     batch_size = args.batch_size or int(ds.get("test_batch_size") or ds.get("batch_size", 8))
     if batch_size < 1:
@@ -258,8 +190,7 @@ def predict(args):
         display = img if color_mode == "RGB" else cv2.cvtColor(
             img, cv2.COLOR_BGR2RGB if color_mode == "BGR" else cv2.COLOR_GRAY2RGB)
         batch.append({"row": row, "hw": img.shape[:2], "display": display, "out_name": out_name,
-                      "tensor": to_tensor_normalized(resize_image(img, input_size, resize), mean,
-                                                       std)})
+                      "tensor": preprocess(img, spec)})
         if len(batch) == batch_size:
             flush(batch)
             batch = []

@@ -28,7 +28,7 @@ class MFCN(nn.Module):
         out_stride = self.outstrides[0]
         # target size from the stage that already sits at (or closest to) the output stride
         ref = min(range(len(features)), key=lambda i: abs(self.instrides[i] - out_stride))
-        h, w = features[ref].shape[-2:]
+        h, w = (int(s) for s in features[ref].shape[-2:])  # ints also while tracing (export)
         th = round(h * self.instrides[ref] / out_stride)
         tw = round(w * self.instrides[ref] / out_stride)
         resized = [f if f.shape[-2:] == (th, tw) else

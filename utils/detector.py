@@ -1,0 +1,392 @@
+"""A trained run as a Python object: ``load_detector(RUN).predict(image)``.
+
+    from utils.detector import load_detector
+
+    detector = load_detector("RUN")                  # a run folder or a checkpoint file
+    result = detector.predict("bottle_000.png", class_name="bottle")
+    result.score, result.is_anomalous, result.anomaly_map, result.mask
+
+``load_detector`` opens the checkpoint without running code from it (weights only), rebuilds
+the model from the config stored there with every weight from the checkpoint, and keeps the
+thresholds the last evaluation stored. ``predict`` takes an image file, an RGB ``uint8`` array
+(HxWx3, or HxW grey), a list of those, or an already preprocessed batch (a float tensor
+(N, 3, H, W) or (3, H, W)); a single image gives a :class:`Prediction`, anything else a list.
+
+Thresholds (the same rule as ``tools/predict.py``, whose :class:`Decider` lives here): explicit
+``threshold`` / ``pixel_threshold`` win; else the image's class (``class_name``, or the
+checkpoint's only class); else the 'global' entry, F1-optimal over all classes pooled.
+
+Preprocessing: :func:`preprocess` is the one path from a file or array to the model's input,
+used by this module, ``tools/predict.py`` and the runner of exported models
+(:func:`run_exported`): ``datasets.image_io.read_image`` -> ``resize_image`` (the config's
+``dataset.resize``; a config without the key was trained with ``cv2_linear``) ->
+``to_tensor_normalized`` (the checkpoint's pixel mean/std), the same operations and order as
+the training dataset.
+"""
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SIDECAR_SUFFIX = ".json"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def resolve_checkpoint(run_or_checkpoint, checkpoint=None):
+    """A checkpoint file itself, or ``RUN/checkpoints/<checkpoint or last.pth>`` for a run."""
+    path = Path(run_or_checkpoint)
+    if path.is_dir():
+        found = path / "checkpoints" / (checkpoint or "last.pth")
+        if not found.is_file():
+            have = sorted(p.name for p in (path / "checkpoints").glob("*.pth")) \
+                if (path / "checkpoints").is_dir() else []
+            raise FileNotFoundError(f"{found} not found: {path} is not a run folder holding "
+                                    f"that checkpoint (checkpoints there: "
+                                    f"{', '.join(have) or 'none'})")
+        return found
+    if path.is_file():
+        return path
+    raise FileNotFoundError(f"no run folder or checkpoint at {path}")
+
+
+def _accepts(factory, name):
+    import inspect
+
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    return name in inspect.signature(target).parameters
+
+
+def offline_net(net_cfg):
+    """The ``net:`` list with ``pretrained: false`` / no ``checkpoint_path`` wherever a module
+    takes them: the checkpoint carries every weight."""
+    from models.registry import MODELS
+
+    out = []
+    for entry in net_cfg:
+        entry = dict(entry)
+        kwargs = dict(entry.get("kwargs") or {})
+        factory = MODELS.get(entry["type"])
+        if _accepts(factory, "pretrained"):
+            kwargs["pretrained"] = False
+        if "checkpoint_path" in kwargs:
+            kwargs["checkpoint_path"] = None
+        entry["kwargs"] = kwargs
+        out.append(entry)
+    return out
+
+
+def load_model(checkpoint, device, trusted=False):
+    """(model in eval mode, config, checkpoint state) from a checkpoint file."""
+    from easydict import EasyDict
+
+    from models import ModelHelper
+    from utils.checkpoint import CheckpointError, load_checkpoint
+
+    state = load_checkpoint(checkpoint, map_location="cpu", trusted=trusted)
+    if not isinstance(state.get("config"), dict) or "net" not in state["config"]:
+        raise CheckpointError(f"checkpoint {checkpoint} carries no config (state['config']); "
+                              f"it was not written by DualMem's Trainer")
+    cfg = EasyDict(state["config"])
+    model = ModelHelper(offline_net(cfg.net), input_size=cfg.dataset.input_size,
+                        frozen_layers=cfg.get("frozen_layers"))
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit the model its config "
+                              f"builds: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device).eval(), cfg, state
+
+
+# ----------------------------------------------------------------------------- preprocessing
+@dataclass(frozen=True)
+class InputSpec:
+    """What turns an image into the model's input: size (h, w), colour order, resize method,
+    normalisation."""
+    input_size: tuple
+    pixel_mean: tuple
+    pixel_std: tuple
+    color_mode: str = "RGB"
+    resize: str = "cv2_linear"
+
+    @classmethod
+    def from_checkpoint(cls, cfg, state):
+        from datasets.image_io import resize_method
+
+        ds = cfg["dataset"]
+        reader = ((ds.get("image_reader") or {}).get("kwargs") or {})
+        return cls(tuple(int(s) for s in ds["input_size"]),
+                   tuple(float(v) for v in state["pixel_mean"]),
+                   tuple(float(v) for v in state["pixel_std"]),
+                   reader.get("color_mode", "RGB"), resize_method(ds))
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(tuple(d["input_size"]), tuple(d["pixel_mean"]), tuple(d["pixel_std"]),
+                   d.get("color_mode", "RGB"), d.get("resize", "cv2_linear"))
+
+    def to_dict(self):
+        return {"input_size": list(self.input_size), "pixel_mean": list(self.pixel_mean),
+                "pixel_std": list(self.pixel_std), "color_mode": self.color_mode,
+                "resize": self.resize}
+
+
+def read_input(path, spec):
+    """An image file as the array the model's preprocessing expects (``spec.color_mode``)."""
+    from datasets.image_io import read_image
+
+    return read_image(path, spec.color_mode)
+
+
+def preprocess(image, spec):
+    """An image file or array -> the (3, H, W) float tensor the model takes: read, resize to
+    ``spec.input_size`` by ``spec.resize``, scale to [0, 1] and normalise (as training)."""
+    from datasets.image_io import resize_image, to_tensor_normalized
+
+    if isinstance(image, (str, os.PathLike)):
+        image = read_input(image, spec)
+    return to_tensor_normalized(resize_image(image, spec.input_size, spec.resize),
+                                spec.pixel_mean, spec.pixel_std)
+
+
+def _is_image_array(x):
+    return isinstance(x, np.ndarray) and (x.ndim == 2 or (x.ndim == 3 and x.shape[2] in (1, 3)))
+
+
+def as_batch(images, spec):
+    """(batch (N, 3, H, W), [original (h, w) or None per image], [source or None],
+    single): files, arrays or lists of them are read and preprocessed; a tensor is taken as
+    already preprocessed."""
+    if torch.is_tensor(images):
+        x = images.float()
+        single = x.ndim == 3
+        x = x.unsqueeze(0) if single else x
+        if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != tuple(spec.input_size):
+            raise ValueError(f"a preprocessed batch must be (N, 3, {spec.input_size[0]}, "
+                             f"{spec.input_size[1]}) or (3, H, W), got {tuple(images.shape)}")
+        return x, [None] * len(x), [None] * len(x), single
+    single = isinstance(images, (str, os.PathLike)) or _is_image_array(images)
+    items = [images] if single else list(images)
+    if not items:
+        raise ValueError("no images given")
+    tensors, sizes, sources = [], [], []
+    for item in items:
+        if isinstance(item, (str, os.PathLike)):
+            sources.append(str(item))
+            item = read_input(item, spec)
+        elif _is_image_array(item):
+            sources.append(None)
+        else:
+            raise TypeError(f"an image is a file path or an HxWx3 / HxW uint8 array, got "
+                            f"{type(item).__name__}")
+        sizes.append(tuple(item.shape[:2]))
+        tensors.append(preprocess(item, spec))
+    return torch.stack(tensors), sizes, sources, single
+
+
+# ----------------------------------------------------------------------------- thresholds
+class Decider:
+    """Picks the thresholds and normalisation ranges for an image's class: explicit values win,
+    then the class's entry, else the 'global' one (pooled over all classes)."""
+
+    def __init__(self, thresholds, threshold=None, pixel_threshold=None):
+        self.per_class = (thresholds or {}).get("per_class") or {}
+        self.pooled = (thresholds or {}).get("global") or {}
+        self.threshold, self.pixel_threshold = threshold, pixel_threshold
+
+    def entry(self, cls):
+        if cls is not None and cls in self.per_class:
+            return self.per_class[cls], "class"
+        return self.pooled, "global"
+
+    def __call__(self, cls):
+        entry, source = self.entry(cls)
+        image_t = entry.get("image_threshold") if self.threshold is None else self.threshold
+        pixel_t = entry.get("pixel_threshold") if self.pixel_threshold is None else \
+            self.pixel_threshold
+        if self.threshold is not None:
+            source = "explicit"
+        return entry, source, image_t, pixel_t
+
+
+@dataclass
+class Prediction:
+    """One image's result. ``anomaly_map`` (float32) and ``mask`` (bool, ``map >= pixel
+    threshold``; None without one) are at the image's own size for files and arrays, at the
+    model's input size for preprocessed tensors. ``is_anomalous``: ``score >= image
+    threshold`` (None without one); ``normalized_score`` puts that threshold at 0.5."""
+    score: float
+    is_anomalous: object
+    anomaly_map: np.ndarray
+    mask: object
+    normalized_score: object
+    class_name: object
+    threshold_from: str
+    image_threshold: object
+    pixel_threshold: object
+    source: object = None
+
+
+# ----------------------------------------------------------------------------- detector
+class Detector:
+    """A checkpoint's model, preprocessing, image-score rule and thresholds."""
+
+    def __init__(self, model, cfg, state, device, checkpoint=None, threshold=None,
+                 pixel_threshold=None):
+        from utils.evaluator import evaluator_settings
+
+        self.model, self.cfg, self.device = model, cfg, device
+        self.checkpoint = checkpoint
+        self.classes = list(state.get("classes") or [])
+        self.thresholds = state.get("thresholds")
+        self.epoch = state.get("epoch")
+        self.spec = InputSpec.from_checkpoint(cfg, state)
+        self.score_cfg = dict(evaluator_settings(cfg)[1])
+        self.threshold, self.pixel_threshold = threshold, pixel_threshold
+
+    def __repr__(self):
+        return (f"Detector({self.checkpoint}, classes={self.classes}, "
+                f"input_size={list(self.spec.input_size)}, image_score={self.score_cfg})")
+
+    def class_for(self, class_name=None):
+        """The class whose thresholds apply: the argument, else the only class, else None."""
+        if class_name is not None:
+            per_class = (self.thresholds or {}).get("per_class") or {}
+            if self.thresholds and class_name not in per_class:
+                raise ValueError(f"class '{class_name}' has no thresholds in {self.checkpoint} "
+                                 f"(classes there: {', '.join(per_class)})")
+            return class_name
+        return self.classes[0] if len(self.classes) == 1 else None
+
+    @torch.no_grad()
+    def anomaly_maps(self, batch):
+        """(N, 3, H, W) preprocessed -> (N, H, W) float32 maps, as ``tools/predict.py``
+        computes them (the config's ``trainer.amp`` included)."""
+        from utils.engine import amp_dtype_for
+
+        amp = amp_dtype_for((self.cfg.get("trainer") or {}).get("amp", False), self.device)
+        x = batch.to(self.device)
+        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+            pred = self.model({"image": x})["pred"]
+        return pred[:, 0].float().cpu().numpy()
+
+    def scores(self, maps):
+        """Image scores from (N, H, W) maps by the run's rule (``evaluator.image_score``)."""
+        from utils.metrics import image_score_from_map
+
+        return image_score_from_map(maps, **self.score_cfg)
+
+    def predict(self, images, class_name=None, threshold=None, pixel_threshold=None,
+                batch_size=8):
+        """Score, anomaly map, mask and verdict for one image (a :class:`Prediction`) or for a
+        list / batch (a list of them); see the module doc for what ``images`` may be."""
+        import cv2
+
+        from utils.evaluator import normalized_score
+
+        cls = self.class_for(class_name)
+        threshold = self.threshold if threshold is None else threshold
+        pixel_threshold = self.pixel_threshold if pixel_threshold is None else pixel_threshold
+        entry, source, image_t, pixel_t = Decider(self.thresholds, threshold,
+                                                  pixel_threshold)(cls)
+        out, single = [], False
+        chunks = [images] if torch.is_tensor(images) or isinstance(images, (str, os.PathLike)) \
+            or _is_image_array(images) else \
+            [list(images)[i:i + batch_size] for i in range(0, len(images), batch_size)]
+        for chunk in chunks:
+            batch, sizes, sources, single = as_batch(chunk, self.spec)
+            maps = self.anomaly_maps(batch)
+            for amap, score, hw, src in zip(maps, self.scores(maps), sizes, sources):
+                if hw is not None and tuple(hw) != amap.shape:
+                    amap = cv2.resize(amap, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
+                out.append(Prediction(
+                    score=float(score),
+                    is_anomalous=None if image_t is None else bool(score >= image_t),
+                    anomaly_map=amap,
+                    mask=None if pixel_t is None else amap >= pixel_t,
+                    normalized_score=normalized_score(score, entry, image_t),
+                    class_name=cls, threshold_from=source, image_threshold=image_t,
+                    pixel_threshold=pixel_t, source=src))
+        return out[0] if single and len(out) == 1 else out
+
+
+def load_detector(run_or_checkpoint, checkpoint=None, device="cpu", trusted=False,
+                  threshold=None, pixel_threshold=None):
+    """A :class:`Detector` from a run folder (``checkpoints/last.pth``, or ``checkpoint``:
+    e.g. 'best.pth') or a checkpoint file. ``trusted`` opens a checkpoint that holds more
+    than tensors and plain data (only for a source you trust)."""
+    from utils.misc import resolve_device
+
+    path = resolve_checkpoint(run_or_checkpoint, checkpoint)
+    device = resolve_device(device)
+    model, cfg, state = load_model(path, device, trusted=trusted)
+    return Detector(model, cfg, state, device, checkpoint=path, threshold=threshold,
+                    pixel_threshold=pixel_threshold)
+
+
+# ----------------------------------------------------------------------------- exported models
+def sidecar_path(path):
+    """``model.onnx`` -> ``model.onnx.json``: what is needed around the exported graph."""
+    return Path(str(path) + SIDECAR_SUFFIX)
+
+
+class ExportedModel:
+    """An exported file (ONNX via ONNX Runtime, TorchScript via ``torch.jit.load``) with its
+    sidecar: (N, 3, H, W) float32 -> (maps (N, H, W), image scores (N,))."""
+
+    def __init__(self, path, meta=None):
+        self.path = Path(path)
+        if meta is None:
+            side = sidecar_path(self.path)
+            if not side.is_file():
+                raise FileNotFoundError(f"{side} not found: the sidecar written by "
+                                        f"tools/export.py beside {self.path}")
+            meta = json.loads(side.read_text(encoding="utf-8"))
+        self.meta = meta
+        self.spec = InputSpec.from_dict(meta["preprocessing"])
+        self.format = meta["format"]
+        if self.format == "onnx":
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            threads = torch.get_num_threads()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3  # errors only: no shape-inference notes on stderr
+            self.session = ort.InferenceSession(str(self.path), options,
+                                                providers=["CPUExecutionProvider"])
+        elif self.format == "torchscript":
+            import warnings
+
+            with warnings.catch_warnings():  # torch >= 2.10 calls TorchScript deprecated
+                warnings.simplefilter("ignore", FutureWarning)
+                self.module = torch.jit.load(str(self.path), map_location="cpu").eval()
+        else:
+            raise ValueError(f"{self.path}: unknown exported format {self.format!r}")
+
+    def __call__(self, batch):
+        x = batch.detach().float().cpu().contiguous() if torch.is_tensor(batch) else \
+            torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        if self.format == "onnx":
+            maps, scores = self.session.run(["anomaly_map", "score"], {"image": x.numpy()})
+            return maps, scores
+        with torch.no_grad():
+            maps, scores = self.module(x)
+        return maps.numpy(), scores.numpy()
+
+
+def run_exported(path, images, batch_size=8):
+    """Run an exported model on image files / arrays (preprocessed by :func:`preprocess` with
+    the sidecar's size, resize method and normalisation) or on a preprocessed batch:
+    (maps (N, H, W) at the input size, scores (N,)) as numpy arrays."""
+    model = path if isinstance(path, ExportedModel) else ExportedModel(path)
+    if torch.is_tensor(images) or isinstance(images, np.ndarray) and images.ndim == 4:
+        batches = [images]
+    else:
+        items = [images] if isinstance(images, (str, os.PathLike)) or \
+            _is_image_array(images) else list(images)
+        batches = [as_batch(items[i:i + batch_size], model.spec)[0]
+                   for i in range(0, len(items), batch_size)]
+    maps, scores = zip(*(model(b) for b in batches))
+    return np.concatenate(maps), np.concatenate(scores)
