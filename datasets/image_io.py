@@ -3,6 +3,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
+
 from utils.errors import UserError
 
 
@@ -113,14 +115,27 @@ def resize_mask(mask, size_hw, method):
     return (mask > 0.5).astype(np.float32)
 
 
-def to_tensor_normalized(img, mean, std):
-    """uint8 HxWxC -> float CxHxW in the normalisation the backbone's weights expect."""
-    import torch
+def to_chw_uint8(img):
+    """HxWx3 or HxW uint8 array -> 3xHxW uint8 tensor (grey repeated to three channels)."""
+    t = torch.from_numpy(np.ascontiguousarray(img))
+    if t.ndim == 2:
+        return t.unsqueeze(0).repeat(3, 1, 1)
+    return t.permute(2, 0, 1).contiguous()
 
-    x = torch.from_numpy(np.ascontiguousarray(img)).float().div_(255.0)
-    if x.ndim == 2:
-        x = x.unsqueeze(-1).expand(-1, -1, 3)
-    x = x.permute(2, 0, 1)
+
+def normalize(image, mean, std):
+    x = image.float().div_(255.0)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
     return (x - mean_t) / std_t
+
+
+def model_input(img, input_size, resize, mean, std, augment=None, mask=None):
+    """The one way an image becomes the model's input, in training, evaluation, ``predict.py``,
+    the Python API and the runner of exported models: resize (``dataset.resize``), uint8
+    CxHxW, the training augmentation when given (on image and ``mask`` together), then scale
+    to [0, 1] and normalise. Returns ``(image, mask)``."""
+    image = to_chw_uint8(resize_image(img, input_size, resize))
+    if augment is not None:
+        image, mask = augment(image, mask)
+    return normalize(image, mean, std), mask

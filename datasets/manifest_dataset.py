@@ -8,8 +8,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from datasets.image_io import (LEGACY_RESIZE, ImageReadError, check_resize, read_image,
-                               resize_image, resize_mask)
+from datasets.image_io import (LEGACY_RESIZE, ImageReadError, check_resize,  # noqa: F401
+                               model_input, normalize, read_image, resize_mask, to_chw_uint8)
 from utils.errors import UserError
 
 
@@ -109,21 +109,6 @@ class Augment:
         return img.as_subclass(torch.Tensor), msk.as_subclass(torch.Tensor)
 
 
-def to_chw_uint8(img):
-    """HxWx3 or HxW uint8 array -> 3xHxW uint8 tensor (grey repeated to three channels)."""
-    t = torch.from_numpy(np.ascontiguousarray(img))
-    if t.ndim == 2:
-        return t.unsqueeze(0).repeat(3, 1, 1)
-    return t.permute(2, 0, 1).contiguous()
-
-
-def normalize(image, mean, std):
-    x = image.float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return (x - mean_t) / std_t
-
-
 class ManifestDataset(Dataset):
     """Images resized to ``input_size`` by ``resize`` (``dataset.resize``: 'antialias' or
     'cv2_linear', see datasets/image_io.py); masks resized nearest and binarised.
@@ -156,12 +141,11 @@ class ManifestDataset(Dataset):
             mask = read_binary_mask(self.path_of(rec["maskname"]), expected_hw=img.shape[:2])
         else:  # UniAD's rule: no mask = all normal for good, all anomalous for defective
             mask = np.full(img.shape[:2], float(label), dtype=np.float32)
-        image = to_chw_uint8(resize_image(img, self.input_size, self.resize))
         mask = torch.from_numpy(resize_mask(mask, self.input_size, self.resize)).unsqueeze(0)
-        if self.augment is not None:
-            image, mask = self.augment(image, mask)
+        image, mask = model_input(img, self.input_size, self.resize, self.pixel_mean,
+                                  self.pixel_std, self.augment, mask)
         return {
-            "image": normalize(image, self.pixel_mean, self.pixel_std),
+            "image": image,
             "mask": mask.contiguous(),
             "label": label,
             "clsname": rec["clsname"],

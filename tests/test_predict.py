@@ -129,7 +129,14 @@ def test_predict_on_a_folder_reproduces_evaluate(trained, tmp_path):
         overlay = cv2.imread(str(out / row["overlay"]))
         mask = cv2.imread(str(out / row["mask"]), cv2.IMREAD_GRAYSCALE)
         source = cv2.imread(str(tmp_path / "in" / row["file"]))
-        assert overlay.shape == source.shape and mask.shape == source.shape[:2]
+        assert mask.shape == source.shape[:2]
+        # the overlay: a heading strip above the image (class, score, threshold, verdict) and
+        # a colour bar at its right; the heading is red for an anomalous verdict
+        h, w = source.shape[:2]
+        assert overlay.shape[0] > h and overlay.shape[1] > w
+        heading = overlay[:overlay.shape[0] - h].reshape(-1, 3).astype(int)
+        red = ((heading[:, 2] > 150) & (heading[:, 1] < 80)).any()
+        assert red == bool(int(row["is_anomalous"]))
         assert set(np.unique(mask)) <= {0, 255}
     assert len(list((out / "overlays").rglob("*.png"))) == len(rows)
 

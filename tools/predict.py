@@ -8,7 +8,8 @@ off: every weight comes from the checkpoint, nothing is downloaded) with the che
 size, pixel mean/std and image-score rule, so a score equals the one ``--evaluate`` reports for
 the same file. A folder is searched recursively for image files (by extension).
 
-Outputs under ``--output``: ``overlays/<rel>.png`` (heat map over the image, original size),
+Outputs under ``--output``: ``overlays/<rel>.png`` (heat map over the image, original size, with a colour bar and
+a heading: class, score, threshold, verdict),
 ``masks/<rel>.png`` (0/255, ``map >= pixel threshold``) and ``predictions.csv`` with columns
 file, class, score, normalized_score, is_anomalous, threshold_from, image_threshold,
 pixel_threshold, overlay, mask, error. ``normalized_score`` maps the decision threshold to 0.5
@@ -105,7 +106,7 @@ def predict(args):
     from utils.evaluator import evaluator_settings, normalized_score
     from utils.metrics import image_score_from_map
     from utils.engine import amp_dtype_for
-    from utils.visualize import normalize_map, overlay, vis_settings, write_png
+    from utils.visualize import annotated_overlay, vis_settings, write_png
 
     device = apply_device_args(args)
     model, cfg, state = load_model(args.checkpoint, device, trusted=args.trust_checkpoint)
@@ -164,9 +165,12 @@ def predict(args):
                 lo, hi = (entry.get("map_min"), entry.get("map_max")) \
                     if normalize == "global" else (None, None)
                 stem = b["out_name"]
+                picture = annotated_overlay(
+                    b["display"], full, lo, hi, threshold=image_t, score=score,
+                    verdict=None if image_t is None else bool(score >= image_t),
+                    pixel_threshold=pixel_t, alpha=alpha, name=row["class"])
                 row["overlay"] = write_png(out_dir / "overlays" / stem,
-                                           overlay(b["display"], normalize_map(full, lo, hi),
-                                                   alpha)).relative_to(out_dir).as_posix()
+                                           picture).relative_to(out_dir).as_posix()
                 if pixel_t is not None:
                     mask = (full >= pixel_t).astype(np.uint8) * 255
                     row["mask"] = write_png(out_dir / "masks" / stem,

@@ -18,10 +18,9 @@ checkpoint's only class); else the 'global' entry, F1-optimal over all classes p
 
 Preprocessing: :func:`preprocess` is the one path from a file or array to the model's input,
 used by this module, ``tools/predict.py`` and the runner of exported models
-(:func:`run_exported`): ``datasets.image_io.read_image`` -> ``resize_image`` (the config's
-``dataset.resize``; a config without the key was trained with ``cv2_linear``) ->
-``to_tensor_normalized`` (the checkpoint's pixel mean/std), the same operations and order as
-the training dataset.
+(:func:`run_exported`): ``datasets.image_io.read_image`` -> ``datasets.image_io.model_input`` (resize by the config's
+``dataset.resize``, a config without the key having been trained with ``cv2_linear``; then the
+checkpoint's pixel mean/std), the very function the training dataset calls.
 """
 import json
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from utils.errors import UserError
 
 SIDECAR_SUFFIX = ".json"
 
@@ -142,12 +142,11 @@ def read_input(path, spec):
 def preprocess(image, spec):
     """An image file or array -> the (3, H, W) float tensor the model takes: read, resize to
     ``spec.input_size`` by ``spec.resize``, scale to [0, 1] and normalise (as training)."""
-    from datasets.image_io import resize_image, to_tensor_normalized
+    from datasets.image_io import model_input
 
     if isinstance(image, (str, os.PathLike)):
         image = read_input(image, spec)
-    return to_tensor_normalized(resize_image(image, spec.input_size, spec.resize),
-                                spec.pixel_mean, spec.pixel_std)
+    return model_input(image, spec.input_size, spec.resize, spec.pixel_mean, spec.pixel_std)[0]
 
 
 def _is_image_array(x):
@@ -163,13 +162,13 @@ def as_batch(images, spec):
         single = x.ndim == 3
         x = x.unsqueeze(0) if single else x
         if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != tuple(spec.input_size):
-            raise ValueError(f"a preprocessed batch must be (N, 3, {spec.input_size[0]}, "
+            raise UserError(f"a preprocessed batch must be (N, 3, {spec.input_size[0]}, "
                              f"{spec.input_size[1]}) or (3, H, W), got {tuple(images.shape)}")
         return x, [None] * len(x), [None] * len(x), single
     single = isinstance(images, (str, os.PathLike)) or _is_image_array(images)
     items = [images] if single else list(images)
     if not items:
-        raise ValueError("no images given")
+        raise UserError("no images given")
     tensors, sizes, sources = [], [], []
     for item in items:
         if isinstance(item, (str, os.PathLike)):
@@ -254,7 +253,7 @@ class Detector:
         if class_name is not None:
             per_class = (self.thresholds or {}).get("per_class") or {}
             if self.thresholds and class_name not in per_class:
-                raise ValueError(f"class '{class_name}' has no thresholds in {self.checkpoint} "
+                raise UserError(f"class '{class_name}' has no thresholds in {self.checkpoint} "
                                  f"(classes there: {', '.join(per_class)})")
             return class_name
         return self.classes[0] if len(self.classes) == 1 else None
@@ -263,7 +262,7 @@ class Detector:
     def anomaly_maps(self, batch):
         """(N, 3, H, W) preprocessed -> (N, H, W) float32 maps, as ``tools/predict.py``
         computes them (the config's ``trainer.amp`` included)."""
-        from utils.engine import amp_dtype_for
+        from utils.misc import amp_dtype_for
 
         amp = amp_dtype_for((self.cfg.get("trainer") or {}).get("amp", False), self.device)
         x = batch.to(self.device)
@@ -363,7 +362,7 @@ class ExportedModel:
                 warnings.simplefilter("ignore", FutureWarning)
                 self.module = torch.jit.load(str(self.path), map_location="cpu").eval()
         else:
-            raise ValueError(f"{self.path}: unknown exported format {self.format!r}")
+            raise UserError(f"{self.path}: unknown exported format {self.format!r}")
 
     def __call__(self, batch):
         x = batch.detach().float().cpu().contiguous() if torch.is_tensor(batch) else \

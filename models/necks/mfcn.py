@@ -4,6 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.registry import MODELS
+from utils.errors import UserError
 
 
 @MODELS.register(path="models.necks")
@@ -12,11 +13,11 @@ class MFCN(nn.Module):
         super().__init__()
         inplanes, instrides, outstrides = list(inplanes), list(instrides), list(outstrides)
         if len(inplanes) != len(instrides):
-            raise ValueError(f"MFCN: inplanes {inplanes} and instrides {instrides} differ in length")
+            raise UserError(f"MFCN: inplanes {inplanes} and instrides {instrides} differ in length")
         if len(outstrides) != 1:
-            raise ValueError(f"MFCN: exactly one outstride is supported, got {outstrides}")
+            raise UserError(f"MFCN: exactly one outstride is supported, got {outstrides}")
         if outplanes is not None and list(outplanes) != [sum(inplanes)]:
-            raise ValueError(f"MFCN: outplanes must be [sum(inplanes)] = [{sum(inplanes)}] "
+            raise UserError(f"MFCN: outplanes must be [sum(inplanes)] = [{sum(inplanes)}] "
                              f"(features are concatenated), got {outplanes}")
         self.inplanes = inplanes
         self.instrides = instrides

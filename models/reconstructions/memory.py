@@ -95,8 +95,12 @@ def ssim(x, y, data_range, mode="local", window=11, sigma=1.5):
 def _patches(maps, kh, kw):
     """(M, h, w) -> every kh x kw window, (P, M, K) with P positions and K = kh * kw taps.
 
-    A gather with a constant index rather than ``unfold``: the same values, and it exports to
-    ONNX with a dynamic M (the exporter cannot size ``unfold``'s input there)."""
+    ``unfold`` when running; when traced for export, a gather with a constant index (the same
+    values; the ONNX exporter cannot size ``unfold``'s input with a dynamic M). Training keeps
+    ``unfold``: its backward sums in the order earlier results were measured with."""
+    if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        m = maps.shape[0]
+        return maps.unfold(1, kh, 1).unfold(2, kw, 1).reshape(m, -1, kh * kw).transpose(0, 1)
     h, w = (int(s) for s in maps.shape[-2:])
     dev = maps.device
     rows = torch.arange(h - kh + 1, device=dev)[:, None, None, None] + \
