@@ -47,6 +47,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from tools._common import add_device_args, add_trust_arg, apply_device_args  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+
 ONNX_OPSET = 17
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 MAP_RTOL = 1e-4     # of each map's largest absolute value
@@ -57,7 +60,7 @@ NUM_RANDOM = 4
 NOISE_EPS = 1e-6  # input perturbation that measures the eager model's own reproducibility
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     pass
 
 
@@ -74,11 +77,8 @@ def parse_args(argv=None):
                    help="check on these images (a file or folder) instead of the run's test set")
     p.add_argument("--max_images", type=int, default=32,
                    help="test images compared (evenly spread over the test manifest)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX "
-                                                              "Runtime")
-    p.add_argument("--trust_checkpoint", action="store_true",
-                   help="open a checkpoint holding more than tensors and plain data (only for "
-                        "a source you trust)")
+    add_device_args(p)  # --threads: torch and ONNX Runtime; the export itself runs on the CPU
+    add_trust_arg(p)
     return p.parse_args(argv)
 
 
@@ -178,7 +178,7 @@ def test_images(cfg, state, images=None, max_images=32):
     try:
         _, test_set, _ = build_datasets(cfg, state["pixel_mean"], state["pixel_std"],
                                         class_name=classes[0] if len(classes) == 1 else None)
-    except (ValueError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         raise ExportError(f"the run's test images are not available here ({exc}); pass "
                           f"--images FOLDER to check the export on other real images") from None
     records = spread(test_set.records, max_images)
@@ -357,10 +357,9 @@ def export(args):
         run_exported, sidecar_path
     from utils.evaluator import evaluator_settings
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ExportError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if apply_device_args(args).type != "cpu":
+        raise ExportError("tools/export.py traces and checks the model on the CPU; drop "
+                          "--device cuda (the exported file runs on any device)")
     checkpoint = resolve_checkpoint(args.work_dir or args.checkpoint)
     output = Path(args.output) if args.output else \
         default_output(checkpoint, args.format, args.work_dir)
@@ -444,14 +443,11 @@ def export(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return export(args)
-    except (ValueError, FileNotFoundError) as exc:  # config, data and checkpoint problems
-        if os.environ.get("DUALMEM_DEBUG") == "1":
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Exit status: 0 written, 1 refused (the parity check failed), 2 a problem with the
+    arguments, checkpoint or data (one line; DUALMEM_DEBUG=1 shows the traceback)."""
+    from tools._common import run_main
+
+    return run_main(export, parse_args(argv))
 
 
 if __name__ == "__main__":

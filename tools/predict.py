@@ -215,14 +215,11 @@ def predict(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    from utils.checkpoint import CheckpointError
+    """Exit status: 0 every file scored, 1 some failed (rows with an error), 2 a problem with
+    the arguments or the checkpoint (one line; DUALMEM_DEBUG=1 shows the traceback)."""
+    from tools._common import run_main
 
-    try:
-        return predict(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(predict, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -156,19 +156,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        grid = parse_grid(args.grid)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from tools._common import launch
+    """Exit status: 0 every cell trained, 1 some cell failed (recorded, the sweep went on), 2 a
+    problem with the arguments (one line)."""
+    from tools._common import launch, run_main
 
-    try:
+    def run(args):
+        grid = parse_grid(args.grid)
         return launch(lambda a, device: sweep(a, grid, device), args)
-    except (ValueError, RuntimeError) as exc:  # --device/--threads
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+    return run_main(run, parse_args(argv))
 
 
 def sweep(args, grid, device):
