@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -20,14 +21,37 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, argv_list, codes_dir, tool="train_val"):
+def _free_ports(n):
+    """n distinct free ports: one rendezvous per command, as torchrun gives each launch."""
+    ports = set()
+    while len(ports) < n:
+        ports.add(_free_port())
+    return sorted(ports)
+
+
+def _spawn(*args, deadline_s=600):
+    """mp.spawn with a deadline: a hung rendezvous fails the test in minutes instead of
+    waiting for the process group's 30-minute timeout."""
+    ctx = mp.start_processes(_worker, args=args, nprocs=2, join=False, start_method="spawn")
+    start = time.monotonic()
+    while not ctx.join(timeout=5):
+        if time.monotonic() - start > deadline_s:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"two-process run did not finish in {deadline_s} s")
+
+
+def _worker(rank, world, ports, argv_list, codes_dir, tool="train_val"):
+    """Each command gets its own MASTER_PORT: re-using one within a process races with rank 0
+    still closing the previous store (a rank can reach the old store and be reset)."""
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                       "MASTER_ADDR": "127.0.0.1"})
     torch.set_num_threads(1)
     import importlib
 
     module = importlib.import_module(f"tools.{tool}")
     for i, argv in enumerate(argv_list):
+        os.environ["MASTER_PORT"] = str(ports[i])
         code = module.main(argv)
         with open(os.path.join(codes_dir, f"{rank}_{i}"), "w") as f:
             f.write(str(code))
@@ -43,7 +67,7 @@ def test_two_process_training_and_evaluation_match_single_process(tmp_path):
             common + ["--work_dir", str(ddp), "--evaluate"]]
     codes = tmp_path / "codes"
     codes.mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), runs, str(codes)), nprocs=2, join=True)
+    _spawn(2, _free_ports(len(runs)), runs, str(codes))
     assert sorted(p.read_text() for p in codes.iterdir()) == ["0"] * 4
     # the two-process evaluation went to its own folder; a single process evaluates the
     # same checkpoint into another one
@@ -81,8 +105,7 @@ def test_train_unified_under_two_processes_writes_one_run_with_the_same_metrics(
     common = ["--config", str(cfg), "--no_progress", "--device", "cpu"]
     codes = tmp_path / "codes"
     codes.mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), [common, common + ["--evaluate"]], str(codes),
-                            "train_unified"), nprocs=2, join=True)
+    _spawn(2, _free_ports(2), [common, common + ["--evaluate"]], str(codes), "train_unified")
     assert sorted(p.read_text() for p in codes.iterdir()) == ["0"] * 4
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1, runs  # not one folder per process
