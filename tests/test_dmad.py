@@ -343,9 +343,9 @@ def _fit(head, extract, images, batch_size):
 def test_build_banks_contents_and_memory_cap():
     data = _Images()
     head = DMAD([16], [4], input_size=[32, 32], coreset_ratio=0.1, pseudo_per_image=2,
-                num_centers=2, center_samples=3, bank_memory_mb=0.01)
+                num_centers=2, center_samples=3, bank_memory_mb=0.011)
     info = _fit(head, _conv_extractor(), data, batch_size=4)
-    cap = int(0.01 * 2 ** 20)
+    cap = int(0.011 * 2 ** 20)
     assert head.bank_nbytes() <= cap
     normal_cap, _ = head.bank_caps()
     assert info["normal_bank"] == min(normal_cap, int(np.ceil(0.1 * 6 * 64)))

@@ -33,8 +33,9 @@ read-outs over the ``topk`` = 5 nearest memories of each bank, softmax(-d / (tem
 dist_scale)) (``attention``); ``dist_scale`` is the mean nearest-normal distance of training
 patches (ours). The parts chosen in ``knowledge`` (with q itself, ``include_query``) are
 concatenated into a 1x1-conv MLP (``hidden``) giving patch logits. While training, memories
-taken from the same image are excluded (``exclude_self``, ours), so training distances look
-like test distances. Map: sigmoid(logits), bilinear to the input size, Gaussian blur with
+taken from the same image are excluded (``exclude_self``, ours), and so are the anomaly centres
+and samples whose cluster holds a patch of that image (leave-one-image-out: ``abnormal_group``
+and ``derived_links``), so training distances look like test distances. Map: sigmoid(logits), bilinear to the input size, Gaussian blur with
 ``sigma`` = 4. Losses (``models.losses.PatchFocalLoss`` / ``PatchBCELoss``) compare the logits
 with the fraction of each patch inside the mask (``target: soft``, ours) or the Filter's 0/1.
 """
@@ -53,7 +54,9 @@ from utils.errors import UserError
 
 KNOWLEDGE_PARTS = ("distance", "residual", "attention")
 BANK_BUFFERS = ("normal_bank", "normal_src", "normal_cls", "abnormal_bank", "abnormal_src",
-                "abnormal_cls", "abnormal_kind")
+                "abnormal_cls", "abnormal_kind", "abnormal_group", "derived_links")
+# buffers a checkpoint from before leave-one-image-out lacks: (shape from the bank, fill)
+_DERIVED_DEFAULTS = {"abnormal_group": -1, "derived_links": None}
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -147,6 +150,8 @@ class DMAD(BankBuilding, nn.Module):
         for name in BANK_BUFFERS:
             if name.endswith("bank"):
                 self.register_buffer(name, torch.zeros(0, dim, dtype=self.bank_dtype))
+            elif name == "derived_links":
+                self.register_buffer(name, torch.zeros(0, 2, dtype=torch.int32))
             else:
                 self.register_buffer(name, torch.zeros(0, dtype=torch.int32))
         self.register_buffer("dist_scale", torch.ones(()))
@@ -189,6 +194,12 @@ class DMAD(BankBuilding, nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # bank sizes depend on the data: take the checkpoint's shapes before copying
+        n_abnormal = state_dict.get(prefix + "abnormal_bank", self.abnormal_bank).shape[0]
+        for name in _DERIVED_DEFAULTS:  # older checkpoints: no derived memories recorded
+            if prefix + "abnormal_bank" in state_dict and prefix + name not in state_dict:
+                state_dict[prefix + name] = (
+                    torch.full((n_abnormal,), -1, dtype=torch.int32) if name == "abnormal_group"
+                    else torch.zeros(0, 2, dtype=torch.int32))
         for name in BANK_BUFFERS:
             key = prefix + name
             if key in state_dict:
@@ -198,13 +209,21 @@ class DMAD(BankBuilding, nn.Module):
                                                   device=ref.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _set_bank(self, prefix, feats, src, cls, kind=None):
+    def _set_bank(self, prefix, feats, src, cls, kind=None, group=None, links=None):
+        """``group`` (abnormal bank): per row the id of the memories derived from several
+        images (anomaly centres and their samples), -1 otherwise; ``links`` (L, 2): the
+        (group, source image) pairs, i.e. which images each group was derived from."""
         device = self.dist_scale.device
         self._buffers[f"{prefix}_bank"] = feats.to(device, self.bank_dtype).contiguous()
         self._buffers[f"{prefix}_src"] = src.to(device, torch.int32).contiguous()
         self._buffers[f"{prefix}_cls"] = cls.to(device, torch.int32).contiguous()
         if kind is not None:
             self._buffers[f"{prefix}_kind"] = kind.to(device, torch.int32).contiguous()
+        if prefix == "abnormal":
+            group = torch.full((feats.shape[0],), -1) if group is None else group
+            links = torch.zeros(0, 2) if links is None else links
+            self._buffers["abnormal_group"] = group.to(device, torch.int32).contiguous()
+            self._buffers["derived_links"] = links.to(device, torch.int32).reshape(-1, 2)
 
     # ------------------------------------------------------------------ stage one
     def fit_spec(self):
@@ -232,11 +251,12 @@ class DMAD(BankBuilding, nn.Module):
                                    self.query_chunk, self.bank_chunk)
         return d.view(batch, hw, -1).mean(1).argmin(1)
 
-    def _retrieve(self, q, bank, bank_src, bank_cls, row_src, row_cls):
-        """(distances (N, K), memories (N, K, C)) with gradients w.r.t. q."""
+    def _retrieve(self, q, bank, bank_src, bank_cls, row_src, row_cls, derived=()):
+        """(distances (N, K), memories (N, K, C)) with gradients w.r.t. q. ``derived``:
+        (row groups, links) of memories derived from several images (see :func:`_excluder`)."""
         k = min(self.topk, bank.shape[0])
         d, idx = knn(q.detach(), bank, k, self.query_chunk, self.bank_chunk,
-                     _excluder(row_src, row_cls, bank_src, bank_cls))
+                     _excluder(row_src, row_cls, bank_src, bank_cls, *derived))
         lost = ~torch.isfinite(d).all(1)
         if bool(lost.any()):  # every candidate excluded (e.g. a one-image class): no restriction
             _, idx[lost] = knn(q.detach()[lost], bank, k, self.query_chunk, self.bank_chunk)
@@ -256,9 +276,10 @@ class DMAD(BankBuilding, nn.Module):
         banks = (("normal", row_cls if self.bank_per_class else None), ("abnormal", None))
         dists, resids, reads = [], [], []
         for name, cls in banks:
+            derived = (self.abnormal_group, self.derived_links) if name == "abnormal" else ()
             dist, mem, resid = self._retrieve(
                 q, getattr(self, f"{name}_bank"), getattr(self, f"{name}_src"),
-                getattr(self, f"{name}_cls"), row_src, cls)
+                getattr(self, f"{name}_cls"), row_src, cls, derived)
             dists.append(dist[:, :1] / scale)
             resids.append(resid)
             w = torch.softmax(-dist / (self.temperature * scale), dim=1)
@@ -311,15 +332,32 @@ class DMAD(BankBuilding, nn.Module):
                 f", bank_per_class={self.bank_per_class}")
 
 
-def _excluder(row_src, row_cls, bank_src, bank_cls):
-    """The knn ``excluded`` callback: same source image, or (per-class banks) another class."""
+def _excluder(row_src, row_cls, bank_src, bank_cls, bank_group=None, links=None):
+    """The knn ``excluded`` callback: same source image (leave-one-image-out), or (per-class
+    banks) another class. Memories derived from several images (``bank_group`` >= 0: anomaly
+    centres and samples around them) are excluded for every image in their ``links``
+    (group, image) pairs, so a seen anomaly never meets a memory made from itself."""
     if row_src is None and row_cls is None:
         return None
+    contrib = None
+    if row_src is not None and links is not None and links.numel():
+        # (image in this batch, group) -> derived from it; only this batch's images matter
+        images, row_pos = torch.unique(row_src, return_inverse=True)
+        hit = links[:, 1].long()[:, None] == images[None]  # (L, images)
+        n_groups = int(links[:, 0].max()) + 1
+        contrib = torch.zeros(images.numel(), n_groups, dtype=torch.bool, device=row_src.device)
+        pair = hit.nonzero()
+        contrib[pair[:, 1], links[pair[:, 0], 0].long()] = True
 
     def excluded(q0, q1, b0, b1):
         m = None
         if row_src is not None:
             m = row_src[q0:q1, None] == bank_src[None, b0:b1].long()
+            if contrib is not None:
+                cols = (bank_group[b0:b1] >= 0).nonzero()[:, 0]
+                if cols.numel():
+                    groups = bank_group[b0:b1][cols].long()
+                    m[:, cols] |= contrib[row_pos[q0:q1]][:, groups]
         if row_cls is not None:
             other = row_cls[q0:q1, None] != bank_cls[None, b0:b1].long()
             m = other if m is None else m | other

@@ -20,14 +20,15 @@ class BankBuilding:
     """Needs from the head: ``dim``, the bank settings, ``_set_bank``, ``_nearest`` and the
     ``dist_scale`` buffer."""
 
-    def bank_caps(self, normal_rows=None):
+    def bank_caps(self, normal_rows=None, extra_bytes=0):
         """(normal cap, abnormal cap) in rows from ``bank_memory_mb`` and the max sizes; the
-        abnormal cap is what the normal bank (``normal_rows``, default its cap) leaves."""
+        abnormal cap is what the normal bank (``normal_rows``, default its cap) and
+        ``extra_bytes`` (the derived memories' links) leave."""
         budget = int(self.bank_memory_mb * 2 ** 20)
         normal_cap = min(self.max_normal_bank, int(NORMAL_SHARE * budget) // self.row_nbytes())
         used = (normal_cap if normal_rows is None else normal_rows) * self.row_nbytes()
-        abnormal_cap = min(self.max_abnormal_bank,
-                           (budget - used) // (self.row_nbytes() + 4))  # + abnormal_kind
+        abnormal_cap = min(self.max_abnormal_bank,  # + abnormal_kind, abnormal_group
+                           (budget - used - int(extra_bytes)) // (self.row_nbytes() + 8))
         if normal_cap < 1 or abnormal_cap < 1:
             raise UserError(f"DMAD: bank_memory_mb {self.bank_memory_mb} is too small for "
                              f"{self.dim}-dim memories")
@@ -89,13 +90,14 @@ class BankBuilding:
 
         # abnormal bank: real (seen) anomalies + anomaly center sampling, then pseudo ones
         real = self._seen_features(data.seen_batches) if data.n_seen else None
-        _, abnormal_cap = self.bank_caps(normal_rows=self.normal_bank.shape[0])
-        parts = self._center_sampling(*real) if real is not None else []
+        parts, links = self._center_sampling(*real) if real is not None else ([], None)
+        _, abnormal_cap = self.bank_caps(normal_rows=self.normal_bank.shape[0],
+                                         extra_bytes=0 if links is None else 4 * links.numel())
         reserved = sum(p[0].shape[0] for p in parts)
         if (data.pseudo and reserved > abnormal_cap // 2) or reserved > abnormal_cap:
             # too many real-derived rows: coreset them to leave room for pseudo ones
             keep = abnormal_cap // 2 if data.pseudo else abnormal_cap
-            cat = [torch.cat([p[i] for p in parts]) for i in range(4)]
+            cat = [torch.cat([p[i] for p in parts]) for i in range(5)]
             idx, _ = greedy_coreset(cat[0], keep, self.coreset_proj_dim, self.seed + 2)
             parts = [tuple(t[idx] for t in cat)]
             reserved = keep
@@ -108,12 +110,12 @@ class BankBuilding:
                 idx, _ = greedy_coreset(p_feats, room, self.coreset_proj_dim, self.seed + 3)
                 p_feats, p_src, p_cls = p_feats[idx], p_src[idx], p_cls[idx]
             kind = torch.full((p_feats.shape[0],), KIND_PSEUDO, dtype=torch.long)
-            parts.insert(0, (p_feats, p_src.cpu(), p_cls.cpu(), kind))
-        cat = [torch.cat([p[i].to(device) for p in parts]) for i in range(4)]
+            parts.insert(0, (p_feats, p_src.cpu(), p_cls.cpu(), kind, torch.full_like(kind, -1)))
+        cat = [torch.cat([p[i].to(device) for p in parts]) for i in range(5)]
         if cat[0].shape[0] == 0:
             raise UserError("DMAD: the abnormal bank is empty (no pseudo-anomalous patch "
                              "passed the Filter and no seen anomalies)")
-        self._set_bank("abnormal", cat[0], cat[1], cat[2], cat[3])
+        self._set_bank("abnormal", *cat, links=links)
         kinds = torch.bincount(self.abnormal_kind.long().cpu(), minlength=4).tolist()
         self.build_info = {
             "classes": len(self.class_names), "feature_grid": list(grid or []),
@@ -124,6 +126,7 @@ class BankBuilding:
             "abnormal_bank": int(self.abnormal_bank.shape[0]),
             "abnormal_pseudo": kinds[KIND_PSEUDO], "abnormal_real": kinds[KIND_REAL],
             "abnormal_centres": kinds[KIND_CENTRE], "abnormal_samples": kinds[KIND_SAMPLE],
+            "derived_links": int(self.derived_links.shape[0]),
             "dist_scale": float(self.dist_scale), "bank_mb": self.bank_nbytes() / 2 ** 20,
             "bank_memory_mb": self.bank_memory_mb,
             "time_normal_s": t_normal, "time_total_s": time.time() - t0,
@@ -148,19 +151,32 @@ class BankBuilding:
         return feats, torch.cat(srcs), torch.cat(clss)
 
     def _center_sampling(self, feats, src, cls):
-        """Real anomalous patches, plus per class k-means centres and samples around them."""
-        parts = [(feats, src, cls, torch.full_like(src, KIND_REAL))]
+        """Real anomalous patches, plus per class k-means centres and samples around them.
+
+        Returns (parts, links): parts are (features, src, cls, kind, group) tuples; a centre and
+        its samples share a group id, and ``links`` (L, 2) holds (group, image) for every image
+        with a patch in that centre's cluster: in training those images do not see the group
+        (leave-one-image-out; without it a seen anomaly finds memories made from itself)."""
+        none_group = torch.full_like(src, -1)
+        parts = [(feats, src, cls, torch.full_like(src, KIND_REAL), none_group)]
+        links = []
         if self.num_centers < 1:
-            return parts
+            return parts, None
         g = torch.Generator().manual_seed(self.seed + 7)
+        first = 0  # the next free group id
         for c in torch.unique(cls).tolist():
-            x = feats[cls == c]
+            x, x_src = feats[cls == c], src[cls == c]
             centres, assign = kmeans(x, self.num_centers, seed=self.seed + 11 * (c + 1))
             k = centres.shape[0]
+            groups = torch.arange(first, first + k, dtype=src.dtype, device=src.device)
+            for j in range(k):
+                for image in torch.unique(x_src[assign == j]).tolist():
+                    links.append((first + j, image))
             none = torch.full((k,), -1, dtype=src.dtype, device=src.device)
             parts.append((centres, none, torch.full_like(none, c),
-                          torch.full_like(none, KIND_CENTRE)))
+                          torch.full_like(none, KIND_CENTRE), groups))
             if self.center_samples < 1:
+                first += k
                 continue
             radius = torch.zeros(k, device=x.device)
             for j in range(k):
@@ -175,5 +191,7 @@ class BankBuilding:
             n = k * self.center_samples
             none = torch.full((n,), -1, dtype=src.dtype, device=src.device)
             parts.append((samples.reshape(n, self.dim), none, torch.full_like(none, c),
-                          torch.full_like(none, KIND_SAMPLE)))
-        return parts
+                          torch.full_like(none, KIND_SAMPLE),
+                          groups.repeat_interleave(self.center_samples)))
+            first += k
+        return parts, torch.tensor(links, dtype=torch.long).reshape(-1, 2)
