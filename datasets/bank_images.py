@@ -4,13 +4,19 @@
 The engine (``utils/engine/stage_one.py``) builds loaders over these; the model never touches
 the data pipeline.
 """
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from datasets.image_io import model_input
 from datasets.manifest_dataset import ManifestDataset
 from datasets.pseudo_anomaly import (STREAM_BANK, PseudoAnomalyDataset,
-                                     PseudoAnomalySynthesizer, apply_pseudo_anomaly, sample_rng,
+                                     PseudoAnomalySynthesizer, apply_pseudo_anomaly,
+                                     list_textures, load_texture, procedural_texture, sample_rng,
                                      self_image_loader)
+from utils.errors import UserError
 
 RECIPE_KEYS = ("texture_source", "texture_dir", "beta", "perlin_scale", "threshold", "rotate",
                "coverage", "texture_augmentations")
@@ -69,3 +75,50 @@ def bank_synthesizer(recipe, dataset):
     return PseudoAnomalySynthesizer(
         source, recipe.pop("texture_dir", None),
         self_images=self_image_loader(dataset) if source == "self" else None, **recipe)
+
+
+class OutlierImages(Dataset):
+    """Outlier texture images for the abnormal bank (DMAD's reference: one DTD image per
+    texture class). ``texture_dir``: ``per_folder`` images drawn (``seed``) from every
+    sub-folder holding images (all of them when there is one folder only, up to ``count``);
+    none: ``count`` procedural textures. Read at the input size and normalised like the
+    training images. ``files`` records the provenance."""
+
+    def __init__(self, like, texture_dir=None, count=47, per_folder=1, seed=0):
+        self.like = like
+        h, w = like.input_size
+        self.size = (int(h), int(w))
+        rng = np.random.default_rng(int(seed))
+        self.seed = int(seed)
+        if texture_dir:
+            files = list_textures(texture_dir)
+            folders = {}
+            for f in files:
+                folders.setdefault(str(Path(f).parent), []).append(f)
+            if len(folders) > 1:
+                self.files = [f for d in sorted(folders) for f in
+                              rng.choice(folders[d], min(int(per_folder), len(folders[d])),
+                                         replace=False).tolist()]
+            else:
+                self.files = rng.choice(files, min(int(count), len(files)),
+                                        replace=False).tolist()
+            self.source = f"folder {texture_dir}"
+        else:
+            if int(count) < 1:
+                raise UserError(f"outlier_textures.count must be >= 1, got {count}")
+            self.files = [f"procedural:{self.seed}:{i}" for i in range(int(count))]
+            self.source = "procedural"
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        h, w = self.size
+        f = self.files[i]
+        if f.startswith("procedural:"):
+            img = procedural_texture(np.random.default_rng([self.seed, i]), h, w)
+        else:
+            img = load_texture(f, h, w).copy()  # the cache hands out read-only arrays
+        image, _ = model_input(img, self.size, getattr(self.like, "resize", "cv2_linear"),
+                               self.like.pixel_mean, self.like.pixel_std)
+        return {"image": image, "index": i}

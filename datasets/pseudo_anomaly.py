@@ -138,7 +138,7 @@ def list_textures(texture_dir):
 
 
 @lru_cache(maxsize=64)
-def _load_texture(path, h, w):
+def load_texture(path, h, w):
     from PIL import Image  # Pillow reads TGA (game texture packs), OpenCV does not
 
     try:
@@ -268,7 +268,7 @@ class PseudoAnomalySynthesizer:
 
     def texture(self, rng, h, w, index=None):
         if self.texture_source == "folder":
-            tex = _load_texture(self.textures[int(rng.integers(len(self.textures)))], h, w)
+            tex = load_texture(self.textures[int(rng.integers(len(self.textures)))], h, w)
         elif self.texture_source == "self":
             count, load = self.self_images
             j = int(rng.integers(count))

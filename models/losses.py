@@ -89,3 +89,27 @@ class Criterion(nn.Module):
         parts = {name: term(outputs) for name, term in self.terms.items()}
         total = sum(term.weight * parts[name] for name, term in self.terms.items())
         return total, parts
+
+
+@LOSSES.register(path="models.losses")
+class DMADHingeLoss(nn.Module):
+    """SimpleNet's hinge loss as DMAD's reference code uses it, on anomaly logits l = -s:
+    mean(relu(margin + l_normal)) + mean(relu(margin - l_fake))
+    + real_weight * mean(relu(margin - l_real)); each term averaged over its own patches, an
+    empty term (no real anomalies in the unsupervised setting) counts 0."""
+
+    def __init__(self, weight=1.0, margin=0.5, real_weight=10.0):
+        super().__init__()
+        self.weight, self.margin, self.real_weight = weight, float(margin), float(real_weight)
+
+    def forward(self, outputs):
+        if "hinge_normal" not in outputs:
+            raise KeyError("DMADHingeLoss: no 'hinge_normal' in the outputs; it needs the "
+                           "head models.heads.DMADReference in training mode")
+
+        def term(x, sign):
+            x = x.float()
+            return torch.relu(self.margin + sign * x).mean() if x.numel() else x.sum()
+
+        return (term(outputs["hinge_normal"], 1) + term(outputs["hinge_fake"], -1)
+                + self.real_weight * term(outputs["hinge_real"], -1))

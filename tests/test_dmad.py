@@ -474,15 +474,20 @@ def test_dmad_experiment_configs_load_and_lite_builds():
 
     files = sorted((ROOT / "experiments").glob("*/dmad/*.yaml")) + sorted(
         (ROOT / "experiments" / "demo").glob("dmad*.yaml"))
-    files = [f for f in files if f.name != "lite_net.yaml"]  # a fragment, not a config
-    assert len(files) == 18
+    files = [f for f in files if f.name not in ("lite_net.yaml", "lite_reference_net.yaml")]
+    assert len(files) == 22
     for f in files:
         cfg = load_config(f)
         k = cfg.dataset.seen_anomalies.num_per_class
         stem = f.stem.replace("dmad_semi", "semi_")
         assert k == (int(stem.rsplit("_", 1)[1]) if "semi" in stem else 0), f
-        assert cfg.net[2].type == "models.heads.DMAD"
-        assert cfg.evaluator.image_score.reduction == "topk"
+        reference = "reference" in f.stem
+        assert cfg.net[2].type == ("models.heads.DMADReference" if reference
+                                   else "models.heads.DMAD"), f
+        assert cfg.evaluator.image_score.reduction == ("max" if reference else "topk")
+        if reference:  # nothing pasted into images: the reference's abnormal bank is textures
+            assert cfg.dataset.train.pseudo_anomaly.prob == 0.0
+            assert cfg.criterion[0].type == "models.losses.DMADHingeLoss"
     cfg = load_config(ROOT / "experiments" / "MVTec-AD" / "dmad" / "lite_semi_5.yaml")
     model = ModelHelper(cfg.net, input_size=cfg.dataset.input_size)
     assert model.frozen_prefix == ["backbone", "neck"]

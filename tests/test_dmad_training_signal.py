@@ -16,6 +16,7 @@ class _SeenAnomalies:
     each anomaly forms its own feature cluster, as real defects of one class often do)."""
 
     pixel_mean, pixel_std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    input_size = (32, 32)
 
     def __init__(self, n_normal=8, n_anomalous=5, size=32):
         g = torch.Generator().manual_seed(3)

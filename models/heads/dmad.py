@@ -45,8 +45,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.heads.dmad_banks import (KIND_CENTRE, KIND_PSEUDO, KIND_REAL,  # noqa: F401
-                                     KIND_SAMPLE, NORMAL_SHARE, BankBuilding)
+from models.heads.dmad_banks import (CENTER_SAMPLING, KIND_CENTRE, KIND_PSEUDO,  # noqa: F401
+                                     KIND_REAL, KIND_SAMPLE, KIND_TEXTURE, NORMAL_SHARE,
+                                     BankBuilding)
 from models.heads.memory_bank import downsample_mask, knn, min_distance_per_group
 from models.losses import PatchBCELoss, PatchFocalLoss  # noqa: F401  (their old home)
 from models.registry import MODELS
@@ -77,6 +78,7 @@ def gaussian_blur(x, sigma, truncate=4.0):
 @MODELS.register(name="DMAD", path="models.heads")
 class DMAD(BankBuilding, nn.Module):
     learns_from_anomalies = True  # labelled anomalies in the training set are meant for it
+    map_activation = "sigmoid"  # the map is a probability; DMADReference maps raw scores
 
     def __init__(self, inplanes, instrides=None, input_size=None, feature_size=None,
                  coreset_ratio=0.02, max_normal_bank=20000, coreset_proj_dim=128,
@@ -84,6 +86,8 @@ class DMAD(BankBuilding, nn.Module):
                  abnormal_coreset_ratio=0.1, max_abnormal_bank=10000, pseudo_per_image=1,
                  pseudo_anomaly=None, filter_threshold=0.5,
                  num_centers=8, center_samples=8, center_spread=0.5,
+                 center_sampling="kmeans", center_noise_std=0.015,
+                 outlier_textures=None, texture_coreset_ratio=0.1,
                  bank_memory_mb=1024, bank_dtype="float32",
                  knowledge=KNOWLEDGE_PARTS, include_query=True, topk=5, temperature=1.0,
                  exclude_self=True, hidden=(256, 64), dropout=0.0, prior=0.01,
@@ -105,10 +109,14 @@ class DMAD(BankBuilding, nn.Module):
         if bank_dtype not in BANK_DTYPES:
             raise UserError(f"DMAD: bank_dtype must be one of {list(BANK_DTYPES)}, "
                              f"got '{bank_dtype}'")
+        if center_sampling not in CENTER_SAMPLING:
+            raise UserError(f"DMAD: center_sampling must be one of {list(CENTER_SAMPLING)}, "
+                            f"got '{center_sampling}'")
         if target not in ("soft", "hard"):
             raise UserError(f"DMAD: target must be 'soft' or 'hard', got '{target}'")
         for name, value in (("coreset_ratio", coreset_ratio),
-                            ("abnormal_coreset_ratio", abnormal_coreset_ratio)):
+                            ("abnormal_coreset_ratio", abnormal_coreset_ratio),
+                            ("texture_coreset_ratio", texture_coreset_ratio)):
             if not 0.0 < float(value) <= 1.0:
                 raise UserError(f"DMAD: {name} must be in (0, 1], got {value}")
         if not 0.0 <= float(filter_threshold) < 1.0:
@@ -132,6 +140,10 @@ class DMAD(BankBuilding, nn.Module):
         self.num_centers = int(num_centers)
         self.center_samples = int(center_samples)
         self.center_spread = float(center_spread)
+        self.center_sampling = center_sampling
+        self.center_noise_std = float(center_noise_std)
+        self.outlier_textures = dict(outlier_textures) if outlier_textures else None
+        self.texture_coreset_ratio = float(texture_coreset_ratio)
         self.bank_memory_mb = float(bank_memory_mb)
         self.bank_dtype = BANK_DTYPES[bank_dtype]
         self.knowledge = knowledge
@@ -156,6 +168,10 @@ class DMAD(BankBuilding, nn.Module):
                 self.register_buffer(name, torch.zeros(0, dtype=torch.int32))
         self.register_buffer("dist_scale", torch.ones(()))
 
+        self._build_scorer(hidden, dropout, prior)
+
+    def _build_scorer(self, hidden, dropout, prior):
+        """The score head: BN, 1x1 convs (``hidden``) with BN + ReLU, one logit per patch."""
         in_dim = self.knowledge_dim()
         layers = [nn.BatchNorm2d(in_dim)]
         prev = in_dim
@@ -233,6 +249,7 @@ class DMAD(BankBuilding, nn.Module):
         training set's, else procedural textures), and the seen anomalies with their masks."""
         return {"output": "feature_align", "pseudo_per_image": self.pseudo_per_image,
                 "pseudo_recipe": dict(self.pseudo_anomaly) if self.pseudo_anomaly else None,
+                "outlier_images": self.outlier_textures,
                 "batch_size": self.build_batch_size, "seed": self.seed}
 
     def fit(self, data):
@@ -322,9 +339,10 @@ class DMAD(BankBuilding, nn.Module):
         if self.input_size is None and self.stride is None:
             raise UserError("DMAD: input_size or instrides is needed to size the anomaly map")
         size = self.input_size or [s * self.stride for s in logits.shape[-2:]]
-        prob = torch.sigmoid(logits.float())
-        prob = F.interpolate(prob, size=tuple(size), mode="bilinear", align_corners=False)
-        return gaussian_blur(prob, self.sigma)
+        score = torch.sigmoid(logits.float()) if self.map_activation == "sigmoid" \
+            else logits.float()
+        score = F.interpolate(score, size=tuple(size), mode="bilinear", align_corners=False)
+        return gaussian_blur(score, self.sigma)
 
     def extra_repr(self):
         return (f"dim={self.dim}, knowledge={self.knowledge}, normal_bank="

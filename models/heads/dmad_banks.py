@@ -12,7 +12,8 @@ import torch
 from models.heads.memory_bank import StreamingCoreset, filter_patches, greedy_coreset, kmeans
 from utils.errors import UserError
 
-KIND_PSEUDO, KIND_REAL, KIND_CENTRE, KIND_SAMPLE = 0, 1, 2, 3
+KIND_PSEUDO, KIND_REAL, KIND_CENTRE, KIND_SAMPLE, KIND_TEXTURE = 0, 1, 2, 3, 4
+CENTER_SAMPLING = ("kmeans", "mean_noise")
 NORMAL_SHARE = 0.8
 
 
@@ -45,9 +46,9 @@ class BankBuilding:
         self.class_names = list(data.class_names)
         if not data.n_normal:
             raise UserError("DMAD: no normal (label 0) training images to build the normal bank")
-        if not data.pseudo and not data.n_seen:
-            raise UserError("DMAD: pseudo_per_image is 0 and there are no seen anomalies: the "
-                             "abnormal bank would be empty")
+        if not data.pseudo and not data.n_seen and not data.n_outlier:
+            raise UserError("DMAD: pseudo_per_image is 0, no outlier textures and no seen "
+                            "anomalies: the abnormal bank would be empty")
         buffer_rows = max(1024, int(self.coreset_buffer_mb * 2 ** 20 / (4 * self.dim)))
         normal_cap, _ = self.bank_caps()
         normal = StreamingCoreset(self.coreset_ratio, normal_cap, self.coreset_proj_dim,
@@ -91,6 +92,7 @@ class BankBuilding:
         # abnormal bank: real (seen) anomalies + anomaly center sampling, then pseudo ones
         real = self._seen_features(data.seen_batches) if data.n_seen else None
         parts, links = self._center_sampling(*real) if real is not None else ([], None)
+        textures = self._outlier_features(data, buffer_rows) if data.n_outlier else None
         _, abnormal_cap = self.bank_caps(normal_rows=self.normal_bank.shape[0],
                                          extra_bytes=0 if links is None else 4 * links.numel())
         reserved = sum(p[0].shape[0] for p in parts)
@@ -101,6 +103,12 @@ class BankBuilding:
             idx, _ = greedy_coreset(cat[0], keep, self.coreset_proj_dim, self.seed + 2)
             parts = [tuple(t[idx] for t in cat)]
             reserved = keep
+        if textures is not None:  # outlier textures: after the real rows, before pseudo ones
+            t_feats = textures[:max(0, abnormal_cap - reserved)]
+            n = t_feats.shape[0]
+            none = torch.full((n,), -1, dtype=torch.long, device=t_feats.device)
+            parts.append((t_feats, none, none, torch.full_like(none, KIND_TEXTURE), none))
+            reserved += n
         if data.pseudo:
             p_feats, p_src, p_cls = pseudo.result() if pseudo.seen else (
                 torch.zeros(0, self.dim, device=device), torch.zeros(0, dtype=torch.long),
@@ -116,7 +124,7 @@ class BankBuilding:
             raise UserError("DMAD: the abnormal bank is empty (no pseudo-anomalous patch "
                              "passed the Filter and no seen anomalies)")
         self._set_bank("abnormal", *cat, links=links)
-        kinds = torch.bincount(self.abnormal_kind.long().cpu(), minlength=4).tolist()
+        kinds = torch.bincount(self.abnormal_kind.long().cpu(), minlength=5).tolist()
         self.build_info = {
             "classes": len(self.class_names), "feature_grid": list(grid or []),
             "normal_images": data.n_normal, "seen_anomaly_images": data.n_seen,
@@ -126,13 +134,17 @@ class BankBuilding:
             "abnormal_bank": int(self.abnormal_bank.shape[0]),
             "abnormal_pseudo": kinds[KIND_PSEUDO], "abnormal_real": kinds[KIND_REAL],
             "abnormal_centres": kinds[KIND_CENTRE], "abnormal_samples": kinds[KIND_SAMPLE],
+            "abnormal_textures": kinds[KIND_TEXTURE],
+            "texture_images": data.n_outlier, "texture_source": data.outlier_source,
+            "texture_files": list(data.outlier_files or []),
             "derived_links": int(self.derived_links.shape[0]),
             "dist_scale": float(self.dist_scale), "bank_mb": self.bank_nbytes() / 2 ** 20,
             "bank_memory_mb": self.bank_memory_mb,
             "time_normal_s": t_normal, "time_total_s": time.time() - t0,
         }
         log("DMAD banks: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in self.build_info.items()))
+                                       for k, v in self.build_info.items()
+                                       if k != "texture_files"))
         return dict(self.build_info)
 
     def _seen_features(self, batches):
@@ -150,7 +162,41 @@ class BankBuilding:
             return None
         return feats, torch.cat(srcs), torch.cat(clss)
 
+    def _outlier_features(self, data, buffer_rows):
+        """Patch features of the outlier texture images, reduced by a coreset keeping
+        ``texture_coreset_ratio`` of them (DMAD's reference: one DTD image per texture class,
+        10 %)."""
+        core = StreamingCoreset(self.texture_coreset_ratio, self.max_abnormal_bank,
+                                self.coreset_proj_dim, buffer_rows, self.seed + 5)
+        for batch in data.outlier_batches:
+            feats = batch["features"].float()
+            rows = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+            none = torch.full((rows.shape[0],), -1, dtype=torch.long, device=rows.device)
+            core.add(rows, none, none)
+        return core.result()[0] if core.seen else None
+
     def _center_sampling(self, feats, src, cls):
+        """``center_sampling: mean_noise`` (DMAD's reference code): one centre, the mean of all
+        real anomalous patches, and as many samples ``mean + N(0, center_noise_std^2 I)`` as
+        there are real patches (the centre itself is not kept); ``kmeans``: see below."""
+        if self.center_sampling == "mean_noise":
+            return self._mean_noise_sampling(feats, src, cls)
+        return self._kmeans_sampling(feats, src, cls)
+
+    def _mean_noise_sampling(self, feats, src, cls):
+        parts = [(feats, src, cls, torch.full_like(src, KIND_REAL), torch.full_like(src, -1))]
+        n = feats.shape[0]
+        g = torch.Generator().manual_seed(self.seed + 7)
+        noise = torch.randn(n, self.dim, generator=g).to(feats.device)
+        samples = feats.mean(0, keepdim=True) + self.center_noise_std * noise
+        none = torch.full((n,), -1, dtype=src.dtype, device=src.device)
+        parts.append((samples, none, torch.full_like(none, -1),
+                      torch.full_like(none, KIND_SAMPLE), torch.zeros_like(none)))
+        links = torch.tensor([[0, int(i)] for i in torch.unique(src).tolist()],
+                             dtype=torch.long).reshape(-1, 2)
+        return parts, links
+
+    def _kmeans_sampling(self, feats, src, cls):
         """Real anomalous patches, plus per class k-means centres and samples around them.
 
         Returns (parts, links): parts are (features, src, cls, kind, group) tuples; a centre and

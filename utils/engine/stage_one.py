@@ -10,7 +10,9 @@ data pipeline.
 ``fit_spec()`` keys: ``output`` (the key of the prefix's output to feed, e.g. feature_align),
 ``pseudo_per_image`` (pseudo anomalies per normal image, 0 for none), ``pseudo_recipe`` (a
 ``dataset.train.pseudo_anomaly``-style dict, or None for the training set's own recipe),
-``batch_size`` (None: the training batch size) and ``seed``.
+``batch_size`` (None: the training batch size), ``seed`` and ``outlier_images`` (None, or the
+:class:`datasets.bank_images.OutlierImages` kwargs: outlier texture images fed as
+``outlier_batches``).
 """
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional
@@ -19,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets.bank_images import BankImages, bank_synthesizer, plain_images, training_recipe
+from datasets.bank_images import (BankImages, OutlierImages, bank_synthesizer, plain_images,
+                                  training_recipe)
 from utils.errors import UserError
 
 
@@ -38,6 +41,10 @@ class StageOneData:
     pseudo: bool
     device: torch.device
     log: Optional[Callable] = None
+    outlier_batches: Iterable = ()
+    n_outlier: int = 0
+    outlier_source: Optional[str] = None
+    outlier_files: Optional[List[str]] = None
 
 
 def stage_one_modules(model):
@@ -121,5 +128,17 @@ def stage_one_data(extract, spec, train_set, device, batch_size=8, workers=0, pr
                    "mask": batch["mask"].to(device),
                    "index": batch["index"].to(device), "cls": batch["cls"].to(device)}
 
+    outliers = OutlierImages(plain, **spec["outlier_images"]) \
+        if spec.get("outlier_images") else None
+
+    def outlier_batches():
+        loader = DataLoader(outliers, batch_size=batch_size, num_workers=workers, shuffle=False)
+        for batch in tqdm(loader, desc="stage one (outlier textures)", disable=not progress,
+                          leave=False, dynamic_ncols=True):
+            yield {"features": extract(batch["image"].to(device))}
+
     return StageOneData(class_names, normal_batches(), len(normal_loader), len(normal_idx),
-                        seen_batches(), len(seen_idx), bool(passes), device, log)
+                        seen_batches(), len(seen_idx), bool(passes), device, log,
+                        outlier_batches() if outliers else (), len(outliers or []),
+                        outliers.source if outliers else None,
+                        list(outliers.files) if outliers else None)
