@@ -29,9 +29,11 @@ def _head(dim=6, **kw):
 def test_knowledge_is_bn_of_residual_plus_value_projection_in_float64():
     head = _head().eval()
     bn = head.knowledge_bn
+    stats = {"normal": bn, "abnormal": head.knowledge_bn_abnormal}  # running stats per bank
     with torch.no_grad():  # non-trivial running statistics and affine parameters
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
+        for m in stats.values():
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.5, 0.5)
     q = torch.randn(13, 6, generator=torch.Generator().manual_seed(1))
@@ -45,7 +47,8 @@ def test_knowledge_is_bn_of_residual_plus_value_projection_in_float64():
         bank = getattr(head, f"{name}_bank").double()
         n = bank[torch.cdist(qd, bank).argmin(1)]  # the one nearest memory
         k = qd - n + qd @ w_v.T + b_v  # CrossAttn over one key = its value projection
-        k = (k - bn.running_mean.double()) / torch.sqrt(bn.running_var.double() + bn.eps)
+        st = stats[name]
+        k = (k - st.running_mean.double()) / torch.sqrt(st.running_var.double() + bn.eps)
         k = k * bn.weight.double() + bn.bias.double()
         parts.append(k @ w_p.T + b_p)
     ref = torch.cat(parts, 1)
@@ -132,3 +135,19 @@ def test_training_step_separates_normal_from_noise_and_real_anomalies():
         logits = head({"feature_align": feats})["patch_logits"]
     inside = F.adaptive_avg_pool2d(data.masks, logits.shape[-2:]) > 0.5
     assert float(logits[inside].mean()) > float(logits[~inside].max())
+
+
+def test_empty_kmeans_clusters_are_excluded_for_every_image_of_their_class():
+    """Identical anomalous patches leave k-means clusters empty; their centres copy a patch,
+    so they must not be retrieved for any image of the class (and must not break retrieval)."""
+    from models.heads.dmad import DMAD
+
+    head = DMAD([4], [4], input_size=[16, 16], knowledge=["distance"], include_query=False,
+                num_centers=3, center_samples=2, hidden=[4])
+    feats = torch.ones(3, 4)
+    parts, links = head._center_sampling(feats, torch.tensor([10, 10, 11]),
+                                         torch.zeros(3, dtype=torch.long))
+    groups = torch.cat([p[4] for p in parts])
+    linked = {(int(g), int(i)) for g, i in links}
+    for g in set(groups[groups >= 0].tolist()):
+        assert {(g, 10), (g, 11)} <= linked, g

@@ -362,7 +362,7 @@ def _excluder(row_src, row_cls, bank_src, bank_cls, bank_group=None, links=None)
         # (image in this batch, group) -> derived from it; only this batch's images matter
         images, row_pos = torch.unique(row_src, return_inverse=True)
         hit = links[:, 1].long()[:, None] == images[None]  # (L, images)
-        n_groups = int(links[:, 0].max()) + 1
+        n_groups = max(int(links[:, 0].max()), int(bank_group.max())) + 1
         contrib = torch.zeros(images.numel(), n_groups, dtype=torch.bool, device=row_src.device)
         pair = hit.nonzero()
         contrib[pair[:, 1], links[pair[:, 0], 0].long()] = True

@@ -104,7 +104,12 @@ class BankBuilding:
             parts = [tuple(t[idx] for t in cat)]
             reserved = keep
         if textures is not None:  # outlier textures: after the real rows, before pseudo ones
-            t_feats = textures[:max(0, abnormal_cap - reserved)]
+            room = max(0, abnormal_cap - reserved)
+            t_feats = textures
+            if textures.shape[0] > room:
+                idx, _ = greedy_coreset(textures, max(room, 1), self.coreset_proj_dim,
+                                        self.seed + 4)
+                t_feats = textures[idx[:room]]
             n = t_feats.shape[0]
             none = torch.full((n,), -1, dtype=torch.long, device=t_feats.device)
             parts.append((t_feats, none, none, torch.full_like(none, KIND_TEXTURE), none))
@@ -216,7 +221,10 @@ class BankBuilding:
             k = centres.shape[0]
             groups = torch.arange(first, first + k, dtype=src.dtype, device=src.device)
             for j in range(k):
-                for image in torch.unique(x_src[assign == j]).tolist():
+                members = x_src[assign == j]
+                if members.numel() == 0:  # an empty cluster's centre copies some patch:
+                    members = x_src       # exclude it for every image of the class
+                for image in torch.unique(members).tolist():
                     links.append((first + j, image))
             none = torch.full((k,), -1, dtype=src.dtype, device=src.device)
             parts.append((centres, none, torch.full_like(none, c),

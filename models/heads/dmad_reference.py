@@ -10,7 +10,8 @@ contradicts itself, our fix is named (and listed in ``experiments/MVTec-AD/dmad/
 * Knowledge: for a patch x and its nearest memory n (k = 1) in each bank,
   ``K(x, n) = BN(x - n + CrossAttn(x, n))``. The reference's cross-attention takes n as the
   query and x as the one key and value: a softmax over one key is 1, so it is exactly
-  ``W_v x + b_v`` (one linear map). One module (and one BatchNorm1d) serves both banks.
+  ``W_v x + b_v`` (one linear map). One module serves both banks; its BatchNorm keeps running
+  statistics per bank (ours: the reference never uses running statistics, see below).
 * Score: one shared linear projection P applied to x, K_normal and K_abnormal, concatenated,
   then an MLP: Linear -> BN -> LeakyReLU(0.2) -> Linear (no bias) giving a normality score s;
   the anomaly logit is -s. Map: -s bilinearly up-sampled, Gaussian sigma 4 (no sigmoid).
@@ -28,10 +29,12 @@ training (the reference retrieves a real patch's own copy from the abnormal bank
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from models.heads.dmad import DMAD, KIND_REAL, _excluder
 from models.heads.memory_bank import downsample_mask, knn
 from models.registry import MODELS
+from utils.errors import UserError
 
 
 @MODELS.register(name="DMADReference", path="models.heads")
@@ -39,10 +42,14 @@ class DMADReference(DMAD):
     map_activation = "none"
 
     def __init__(self, inplanes, instrides=None, input_size=None, feature_size=None,
+                 bank_per_class=False,
                  mlp_hidden=1024, noise_std=0.015, real_per_step=512, normal_per_step=None,
                  projection=True,
                  center_sampling="mean_noise", pseudo_per_image=0,
                  outlier_textures=None, filter_threshold=0.0, **kwargs):
+        if bank_per_class:
+            raise UserError("DMADReference: bank_per_class is not supported (the reference "
+                            "keeps one normal bank over all classes)")
         self.mlp_hidden, self.projection = int(mlp_hidden), bool(projection)
         textures = {"texture_dir": None, "count": 47, "per_folder": 1, "seed": 0}
         textures.update(outlier_textures or {})
@@ -57,7 +64,11 @@ class DMADReference(DMAD):
     def _build_scorer(self, hidden, dropout, prior):
         d = self.dim
         self.value = nn.Linear(d, d)  # CrossAttn with one key = its value projection
+        # one affine BN as the reference, but running statistics per bank: one set of running
+        # statistics would average the normal and abnormal residuals, which differ, and shift
+        # every test patch away from what training normalised
         self.knowledge_bn = nn.BatchNorm1d(d)
+        self.knowledge_bn_abnormal = nn.BatchNorm1d(d, affine=False)
         self.project = nn.Linear(d, d) if self.projection else nn.Identity()
         self.score_head = nn.Sequential(
             nn.Linear(3 * d, self.mlp_hidden), nn.BatchNorm1d(self.mlp_hidden),
@@ -68,6 +79,13 @@ class DMADReference(DMAD):
 
     def knowledge_dim(self):
         return 3 * self.dim
+
+    def _knowledge_norm(self, x, bank):
+        """BatchNorm1d with the shared affine parameters and the bank's running statistics."""
+        bn = self.knowledge_bn
+        stats = bn if bank == "normal" else self.knowledge_bn_abnormal
+        return F.batch_norm(x, stats.running_mean, stats.running_var, bn.weight, bn.bias,
+                            self.training, bn.momentum, bn.eps)
 
     def _nearest_memory(self, q, name, row_src):
         bank = getattr(self, f"{name}_bank")
@@ -89,7 +107,7 @@ class DMADReference(DMAD):
         parts = [self.project(q)]
         for name in ("normal", "abnormal"):
             n = self._nearest_memory(q, name, row_src)
-            parts.append(self.project(self.knowledge_bn(q - n + v)))
+            parts.append(self.project(self._knowledge_norm(q - n + v, name)))
         return torch.cat(parts, 1)
 
     def forward(self, input):
