@@ -151,3 +151,10 @@ def test_empty_kmeans_clusters_are_excluded_for_every_image_of_their_class():
     linked = {(int(g), int(i)) for g, i in links}
     for g in set(groups[groups >= 0].tolist()):
         assert {(g, 10), (g, 11)} <= linked, g
+
+
+def test_a_mistyped_outlier_texture_key_is_a_user_error():
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match=r"outlier_textures: unknown key\(s\) \['dir'\]"):
+        DMADReference([8], [4], input_size=[16, 16], outlier_textures={"dir": "DTD/images"})

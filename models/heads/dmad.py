@@ -35,9 +35,10 @@ patches (ours). The parts chosen in ``knowledge`` (with q itself, ``include_quer
 concatenated into a 1x1-conv MLP (``hidden``) giving patch logits. While training, memories
 taken from the same image are excluded (``exclude_self``, ours), and so are the anomaly centres
 and samples whose cluster holds a patch of that image (leave-one-image-out: ``abnormal_group``
-and ``derived_links``), so training distances look like test distances. Map: sigmoid(logits), bilinear to the input size, Gaussian blur with
-``sigma`` = 4. Losses (``models.losses.PatchFocalLoss`` / ``PatchBCELoss``) compare the logits
-with the fraction of each patch inside the mask (``target: soft``, ours) or the Filter's 0/1.
+and ``derived_links``), so training distances look like test distances. Map: sigmoid(logits),
+bilinear to the input size, Gaussian blur with ``sigma`` = 4. Losses
+(``models.losses.PatchFocalLoss`` / ``PatchBCELoss``) compare the logits with the fraction of
+each patch inside the mask (``target: soft``, ours) or the Filter's 0/1.
 """
 import math
 
@@ -56,8 +57,9 @@ from utils.errors import UserError
 KNOWLEDGE_PARTS = ("distance", "residual", "attention")
 BANK_BUFFERS = ("normal_bank", "normal_src", "normal_cls", "abnormal_bank", "abnormal_src",
                 "abnormal_cls", "abnormal_kind", "abnormal_group", "derived_links")
-# buffers a checkpoint from before leave-one-image-out lacks: (shape from the bank, fill)
-_DERIVED_DEFAULTS = {"abnormal_group": -1, "derived_links": None}
+# buffers a checkpoint from before leave-one-image-out lacks (loaded as "nothing derived")
+_DERIVED_BUFFERS = ("abnormal_group", "derived_links")
+OUTLIER_TEXTURE_KEYS = ("texture_dir", "count", "per_folder", "seed")
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -112,6 +114,10 @@ class DMAD(BankBuilding, nn.Module):
         if center_sampling not in CENTER_SAMPLING:
             raise UserError(f"DMAD: center_sampling must be one of {list(CENTER_SAMPLING)}, "
                             f"got '{center_sampling}'")
+        unknown = sorted(set(outlier_textures or {}) - set(OUTLIER_TEXTURE_KEYS))
+        if unknown:
+            raise UserError(f"DMAD: outlier_textures: unknown key(s) {unknown} (valid: "
+                            f"{list(OUTLIER_TEXTURE_KEYS)})")
         if target not in ("soft", "hard"):
             raise UserError(f"DMAD: target must be 'soft' or 'hard', got '{target}'")
         for name, value in (("coreset_ratio", coreset_ratio),
@@ -211,7 +217,7 @@ class DMAD(BankBuilding, nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # bank sizes depend on the data: take the checkpoint's shapes before copying
         n_abnormal = state_dict.get(prefix + "abnormal_bank", self.abnormal_bank).shape[0]
-        for name in _DERIVED_DEFAULTS:  # older checkpoints: no derived memories recorded
+        for name in _DERIVED_BUFFERS:  # older checkpoints: no derived memories recorded
             if prefix + "abnormal_bank" in state_dict and prefix + name not in state_dict:
                 state_dict[prefix + name] = (
                     torch.full((n_abnormal,), -1, dtype=torch.int32) if name == "abnormal_group"
