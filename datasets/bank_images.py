@@ -70,6 +70,7 @@ def bank_synthesizer(recipe, dataset):
     recipe = dict(recipe or {})
     recipe.pop("prob", None)
     recipe.pop("seed", None)
+    recipe.pop("pool", None)
     source = recipe.pop("texture_source", None) or (
         "folder" if recipe.get("texture_dir") else "procedural")
     return PseudoAnomalySynthesizer(

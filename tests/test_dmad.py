@@ -259,6 +259,59 @@ def test_head_shapes_and_gradients():
     assert pred.min() >= 0 and pred.max() <= 1
 
 
+def test_retrieval_memo_gives_the_same_step_and_searches_each_input_once(monkeypatch):
+    """Fixed inputs (``cache_index``) keep their retrieval: the same logits and gradients as a
+    fresh search, leave-one-image-out kept, and a second visit searches nothing."""
+    import models.heads.dmad as dmad_module
+
+    head = _head_with_banks().train()
+    feats = torch.randn(3, 6, 4, 4)
+    feats[0, :, 0, 0] = head.normal_bank[0]  # a copy of a memory of image 0: excluded for it
+    index = torch.tensor([0, 1, 2])
+    calls = []
+    real_knn = dmad_module.knn
+    monkeypatch.setattr(dmad_module, "knn", lambda q, *a, **k: calls.append(len(q))
+                        or real_knn(q, *a, **k))
+
+    def step(keys):
+        head.zero_grad()
+        inp = {"feature_align": feats, "index": index}
+        if keys is not None:
+            inp["cache_index"] = torch.tensor(keys)
+        out = head(inp)["patch_logits"]
+        out.sum().backward()
+        return out.detach(), [p.grad.clone() for p in head.score_head.parameters()]
+
+    fresh = step(None)
+    assert calls and not head._retrieval_memo
+    calls.clear()
+    first = step([10, 11, 12])
+    assert sum(calls) == 2 * 3 * 16  # both banks, every row once
+    calls.clear()
+    again = step([10, 11, 12])
+    assert calls == []  # nothing searched on the second visit
+    for got in (first, again):
+        torch.testing.assert_close(got[0], fresh[0])
+        for a, b in zip(got[1], fresh[1]):
+            torch.testing.assert_close(a, b)
+    # a batch mixing known and new inputs searches only the new image's rows
+    calls.clear()
+    step([10, 13, 12])
+    assert sum(calls) == 2 * 16
+    assert set(head._retrieval_memo["normal"]) == {10, 11, 12, 13}
+    # exclusion survived the memo: row (0, 0) of image 0 did not find its own copy
+    z = head.knowledge_features(feats[:1].permute(0, 2, 3, 1).reshape(-1, 6),
+                                row_src=torch.zeros(16, dtype=torch.long), keys=[10])
+    assert z[0, 6] > 0.01
+    # new banks forget the memo; evaluation never uses it
+    head._set_bank("normal", head.normal_bank.clone(), head.normal_src, head.normal_cls)
+    assert head._retrieval_memo == {}
+    head.eval()
+    with torch.no_grad():
+        head({"feature_align": feats, "cache_index": torch.tensor([10, 11, 12])})
+    assert head._retrieval_memo == {}
+
+
 def test_empty_banks_are_a_clear_error():
     head = DMAD([4], [4], input_size=[8, 8])
     with pytest.raises(RuntimeError, match="banks are empty"):
@@ -492,3 +545,56 @@ def test_dmad_experiment_configs_load_and_lite_builds():
     model = ModelHelper(cfg.net, input_size=cfg.dataset.input_size)
     assert model.frozen_prefix == ["backbone", "neck"]
     assert model.head.dim == 152 and model.head.knowledge_dim() == 5 * 152 + 2
+
+
+@pytest.mark.slow
+def test_pseudo_anomaly_pool_is_cached_and_trains_as_uncached(tmp_path):
+    """``pseudo_anomaly.pool``: the feature cache holds every version of every image, and
+    training from it (with DMAD's retrieval memo) follows the uncached run's losses."""
+    from utils.config import load_config
+    from utils.engine import Trainer
+
+    cfg_path = _write_config(tmp_path, seen=1)
+    losses = {}
+    for cache in (False, True):
+        cfg = load_config(cfg_path, ["dataset.train.pseudo_anomaly.pool=2",
+                                     f"trainer.feature_cache={str(cache).lower()}"])
+        trainer = Trainer(cfg, tmp_path / f"pool_{cache}", torch.device("cpu"), progress=False)
+        assert trainer.use_cache is cache
+        trainer.prepare_modules()
+        losses[cache] = [trainer.train_one_epoch(e) for e in range(3)]
+        if cache:
+            n_train = len(trainer.train_set)
+            assert len(trainer.train_loader.dataset) == n_train
+            assert len(trainer.train_loader.dataset.cached) == 3 * n_train
+            memo = trainer.model.head._retrieval_memo
+            assert 0 < len(memo["normal"]) <= 3 * n_train
+        trainer.close()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    # without a pool the data is made on the fly and the cache is refused
+    cfg = load_config(cfg_path, ["trainer.feature_cache=true"])
+    with pytest.raises(ValueError, match="fixed pool"):
+        Trainer(cfg, tmp_path / "refused", torch.device("cpu"), progress=False)
+
+
+@pytest.mark.slow
+def test_benchmark_dmad_times_training_against_a_baseline(tmp_path):
+    """tools/benchmark_dmad.py: banks, epoch seconds of both variants and their ratios in
+    the JSON; the pooled config trains from cached features, the baseline cannot."""
+    from tools import benchmark_dmad
+
+    cfg = _write_config(tmp_path)
+    out = tmp_path / "bench.json"
+    assert benchmark_dmad.main([
+        "--config", str(cfg), "--device", "cpu", "--threads", "1", "--infer_batches", "1",
+        "--train_epochs", "2", "--out", str(out), "--opts", "dataset.train.pseudo_anomaly.pool=2",
+        "--baseline_opts", "dataset.train.pseudo_anomaly.pool=null"]) == 0
+    result = json.loads(out.read_text())
+    base, cur = result["baseline"], result["current"]
+    assert base["train_cache"] == "no feature cache" and cur["train_cache"] == "features cached"
+    for r in (base, cur):
+        assert r["normal_bank"] > 0 and r["abnormal_bank"] > 0
+        assert len(r["train_epoch_seconds"]) == 2 and r["train_seconds_total"] > 0
+    ratios = result["ratios_current_over_baseline"]
+    assert ratios["train_seconds_total"] == pytest.approx(
+        cur["train_seconds_total"] / base["train_seconds_total"])

@@ -185,3 +185,39 @@ def test_builder_wires_pseudo_anomalies(tmp_path):
     assert isinstance(train, PseudoAnomalyDataset) and train.seed == 4
     assert train.synth.texture_source == "self"
     assert train[0]["label"] == 1 and len(test) == 3 and classes == ["c"]
+
+
+def test_pool_is_a_fixed_set_of_versions_chosen_per_epoch():
+    """With ``pool: P`` every epoch shows each image as itself or one of P fixed variants; the
+    pool dataset holds exactly those versions, at ``index * (P + 1) + v``."""
+    base = _FakeBase(n=60)
+    ds = PseudoAnomalyDataset(base, prob=0.5, seed=1, pool=2, coverage=(0.05, 0.5))
+    pool = ds.pool_dataset()
+    assert pool.deterministic is True and len(pool) == 3 * len(base)
+    seen = {}
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        for i in range(1, 60):
+            v = ds.variant_of(epoch, i)
+            seen.setdefault(i, set()).add(v)
+            item, stored = ds[i], pool[ds.pool_position(epoch, i)]
+            assert stored["index"] == i and stored["cache_index"] == i * 3 + v
+            assert torch.equal(item["image"], stored["image"])
+            assert torch.equal(item["mask"], stored["mask"])
+            assert item["label"] <= int(v > 0)  # a variant's mask can be empty
+    shown = [v for vs in seen.values() for v in vs]
+    assert set(shown) == {0, 1, 2}  # both variants and the image itself occur
+    # the two variants of one image differ, and version 0 is the image itself
+    assert not torch.equal(pool[4]["mask"], pool[5]["mask"])
+    assert torch.equal(pool[3]["image"], base[1]["image"])
+    # share of pseudo anomalies follows prob
+    share = np.mean([ds.variant_of(0, i) > 0 for i in range(1, 60)])
+    assert 0.3 < share < 0.7
+    # a labelled anomaly is never changed
+    assert all(torch.equal(pool[v]["image"], base[0]["image"]) for v in range(3))
+    # the on-disk cache key sees the recipe
+    assert pool.cache_identity()["pseudo_anomaly"]["pool"] == 2
+    assert PseudoAnomalyDataset(base, prob=0.5).pool_dataset() is None
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="pool must be null"):
+            wrap_pseudo_anomalies(base, {"prob": 0.5, "pool": bad})

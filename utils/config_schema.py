@@ -105,7 +105,7 @@ SCHEMA = {
                 "texture_dir": Path, "beta": ListOf(Number, length=2),
                 "perlin_scale": ListOf(int, length=2), "threshold": Number,
                 "rotate": Number, "coverage": OptionalT(ListOf(Number, length=2)),
-                "texture_augmentations": int,
+                "texture_augmentations": int, "pool": OptionalT(int),
             }),
         },
         "test": SPLIT,

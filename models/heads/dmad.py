@@ -36,7 +36,11 @@ concatenated into a 1x1-conv MLP (``hidden``) giving patch logits. While trainin
 taken from the same image are excluded (``exclude_self``, ours), and so are the anomaly centres
 and samples whose cluster holds a patch of that image (leave-one-image-out: ``abnormal_group``
 and ``derived_links``), so training distances look like test distances. Map: sigmoid(logits),
-bilinear to the input size, Gaussian blur with ``sigma`` = 4. Losses
+bilinear to the input size, Gaussian blur with ``sigma`` = 4. Retrieval is the costly part of a
+training step and, with the banks fixed, depends only on the patch features: when the engine
+feeds cached features (``cache_index`` in the input: the same position always holds the same
+features) each image's nearest-memory indices are kept after its first step, so later epochs
+train the score head alone, with the same result. Losses
 (``models.losses.PatchFocalLoss`` / ``PatchBCELoss``) compare the logits with the fraction of
 each patch inside the mask (``target: soft``, ours) or the Filter's 0/1.
 """
@@ -96,6 +100,7 @@ class DMAD(BankBuilding, nn.Module):
                  sigma=4.0, target="soft", query_chunk=4096, bank_chunk=16384,
                  build_batch_size=None, seed=0):
         super().__init__()
+        self._retrieval_memo = {}  # {bank: {cache position: (h*w, topk) int32}}, not state
         dim = int(list(inplanes)[0]) if isinstance(inplanes, (list, tuple)) else int(inplanes)
         if isinstance(inplanes, (list, tuple)) and len(inplanes) != 1:
             raise UserError(f"DMAD: expects one feature map (a neck such as PatchCoreNeck), "
@@ -215,6 +220,7 @@ class DMAD(BankBuilding, nn.Module):
         self.build_info = dict(state.get("build_info", {}))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._retrieval_memo = {}
         # bank sizes depend on the data: take the checkpoint's shapes before copying
         n_abnormal = state_dict.get(prefix + "abnormal_bank", self.abnormal_bank).shape[0]
         for name in _DERIVED_BUFFERS:  # older checkpoints: no derived memories recorded
@@ -236,6 +242,7 @@ class DMAD(BankBuilding, nn.Module):
         images (anomaly centres and their samples), -1 otherwise; ``links`` (L, 2): the
         (group, source image) pairs, i.e. which images each group was derived from."""
         device = self.dist_scale.device
+        self._retrieval_memo = {}  # indices into the old banks mean nothing now
         self._buffers[f"{prefix}_bank"] = feats.to(device, self.bank_dtype).contiguous()
         self._buffers[f"{prefix}_src"] = src.to(device, torch.int32).contiguous()
         self._buffers[f"{prefix}_cls"] = cls.to(device, torch.int32).contiguous()
@@ -274,22 +281,48 @@ class DMAD(BankBuilding, nn.Module):
                                    self.query_chunk, self.bank_chunk)
         return d.view(batch, hw, -1).mean(1).argmin(1)
 
-    def _retrieve(self, q, bank, bank_src, bank_cls, row_src, row_cls, derived=()):
-        """(distances (N, K), memories (N, K, C)) with gradients w.r.t. q. ``derived``:
-        (row groups, links) of memories derived from several images (see :func:`_excluder`)."""
+    def _nearest_indices(self, q, bank, bank_src, bank_cls, row_src, row_cls, derived=()):
+        """(N, K) indices of each row's ``topk`` nearest allowed memories."""
         k = min(self.topk, bank.shape[0])
-        d, idx = knn(q.detach(), bank, k, self.query_chunk, self.bank_chunk,
+        d, idx = knn(q, bank, k, self.query_chunk, self.bank_chunk,
                      _excluder(row_src, row_cls, bank_src, bank_cls, *derived))
         lost = ~torch.isfinite(d).all(1)
         if bool(lost.any()):  # every candidate excluded (e.g. a one-image class): no restriction
-            _, idx[lost] = knn(q.detach()[lost], bank, k, self.query_chunk, self.bank_chunk)
+            _, idx[lost] = knn(q[lost], bank, k, self.query_chunk, self.bank_chunk)
+        return idx
+
+    def _memo_indices(self, name, keys, q, *args):
+        """:meth:`_nearest_indices` through the per-image memo: ``keys`` (B,) say which fixed
+        input each image is; only images not seen before are searched."""
+        store = self._retrieval_memo.setdefault(name, {})
+        hw = q.shape[0] // len(keys)
+        missing = [i for i, key in enumerate(keys) if key not in store]
+        if missing:
+            rows = (torch.tensor(missing, device=q.device).unsqueeze(1) * hw
+                    + torch.arange(hw, device=q.device)).reshape(-1)
+            sub = [a[rows] if torch.is_tensor(a) and a.shape[:1] == q.shape[:1] else a
+                   for a in args[3:5]]
+            found = self._nearest_indices(q[rows], *args[:3], *sub, *args[5:])
+            for j, i in enumerate(missing):
+                store[keys[i]] = found[j * hw:(j + 1) * hw].to("cpu", torch.int32)
+        return torch.cat([store[key] for key in keys]).to(q.device, torch.long)
+
+    def _retrieve(self, q, bank, bank_src, bank_cls, row_src, row_cls, derived=(), name=None,
+                  keys=None):
+        """(distances (N, K), memories (N, K, C)) with gradients w.r.t. q. ``derived``:
+        (row groups, links) of memories derived from several images (see :func:`_excluder`);
+        ``keys``: per-image memo keys (see the module docstring), None to search afresh."""
+        args = (bank, bank_src, bank_cls, row_src, row_cls, derived)
+        idx = self._memo_indices(name, keys, q.detach(), *args) if keys is not None \
+            else self._nearest_indices(q.detach(), *args)
         mem = bank[idx].float()
         diff = q.unsqueeze(1) - mem
         dist = (diff.pow(2).sum(-1) + 1e-12).sqrt()
         return dist, mem, diff[:, 0]
 
-    def knowledge_features(self, q, row_src=None, row_cls=None):
-        """(N, C) patch features -> (N, knowledge_dim()) knowledge vectors."""
+    def knowledge_features(self, q, row_src=None, row_cls=None, keys=None):
+        """(N, C) patch features -> (N, knowledge_dim()) knowledge vectors. ``keys``: one memo
+        key per image (rows in image order), to reuse retrievals of fixed inputs."""
         if self.normal_bank.shape[0] == 0 or self.abnormal_bank.shape[0] == 0:
             raise RuntimeError("DMAD: the memory banks are empty; the engine builds them "
                                "(fit) before training, or they come from a checkpoint")
@@ -302,7 +335,7 @@ class DMAD(BankBuilding, nn.Module):
             derived = (self.abnormal_group, self.derived_links) if name == "abnormal" else ()
             dist, mem, resid = self._retrieve(
                 q, getattr(self, f"{name}_bank"), getattr(self, f"{name}_src"),
-                getattr(self, f"{name}_cls"), row_src, cls, derived)
+                getattr(self, f"{name}_cls"), row_src, cls, derived, name, keys)
             dists.append(dist[:, :1] / scale)
             resids.append(resid)
             w = torch.softmax(-dist / (self.temperature * scale), dim=1)
@@ -330,7 +363,10 @@ class DMAD(BankBuilding, nn.Module):
             else:
                 ids = self._route_classes(q.detach(), b, h * w)
             row_cls = ids.repeat_interleave(h * w)
-        z = self.knowledge_features(q, row_src, row_cls)
+        keys = None
+        if self.training and torch.is_tensor(input.get("cache_index")):
+            keys = [int(k) for k in input["cache_index"].tolist()]
+        z = self.knowledge_features(q, row_src, row_cls, keys)
         z = z.view(b, h, w, -1).permute(0, 3, 1, 2)
         logits = self.score_head(z)
         out = {"patch_logits": logits, "pred": self.anomaly_map(logits)}

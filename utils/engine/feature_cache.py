@@ -6,6 +6,12 @@ With ``trainer.feature_cache_dir`` the cache also goes to disk, keyed by everyth
 determines it (the prefix's config and weights, the records, every file's size and mtime, input
 size, normalisation, dtype), so later runs of the same data and backbone skip the
 backbone entirely; any change gives a new key, never a stale hit.
+
+Pseudo anomalies made on the fly change the inputs every epoch and rule the cache out, unless
+they come from a fixed pool (``dataset.train.pseudo_anomaly.pool``): then every version of every
+image is cached once and each epoch reads the versions it shows (:class:`PoolSelection`).
+Cached items carry ``cache_index`` (their position in the cache), which tells a head that the
+same position always holds the same features (DMAD keeps its retrieval per position).
 """
 import hashlib
 import json
@@ -36,8 +42,24 @@ class CachedFeatureDataset(Dataset):
 
     def __getitem__(self, index):
         item = self.items[index]
-        return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() and k != "mask"
-                    else v) for k, v in item.items()}
+        out = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() and k != "mask"
+                   else v) for k, v in item.items()}
+        out["cache_index"] = int(index)
+        return out
+
+
+class PoolSelection(Dataset):
+    """The training set seen through a cached pseudo-anomaly pool: item ``i`` of an epoch is
+    the cached version of image ``i`` that the pooled dataset shows in that epoch."""
+
+    def __init__(self, cached, source):
+        self.cached, self.source = cached, source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        return self.cached[self.source.pool_position(self.source.current_epoch(), index)]
 
 
 class SkipPrefix(nn.Module):
@@ -73,7 +95,8 @@ def cache_key(model, dataset, net_cfg, dtype, split):
          "input_size": list(getattr(dataset, "input_size", []) or []),
          "mean": list(dataset.pixel_mean), "std": list(dataset.pixel_std),
          "color": getattr(dataset, "color_mode", "RGB"),
-         "resize": getattr(dataset, "resize", None)})
+         "resize": getattr(dataset, "resize", None),
+         "identity": getattr(dataset, "cache_identity", lambda: None)()})
     for name in prefix:  # the weights themselves: a re-downloaded or edited backbone differs
         for key, value in getattr(model, name).state_dict().items():
             if torch.is_tensor(value):
@@ -134,12 +157,14 @@ def load_cache(path, key):
 @torch.no_grad()
 def build_feature_cache(model, loader, device, dtype=torch.float32, progress=True,
                         desc="caching features"):
-    """Outputs of the last frozen-prefix module for every sample, indexed as the dataset."""
+    """Outputs of the last frozen-prefix module for every sample, indexed as the dataset
+    (at ``cache_index`` where items carry one, else at ``index``)."""
     stop = len(model.frozen_prefix)
     items = [None] * len(loader.dataset)
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         out = model.prefix_outputs(batch["image"].to(device), stop)
-        for i, index in enumerate(batch["index"].tolist()):
+        where = batch.get("cache_index", batch["index"])
+        for i, index in enumerate(where.tolist()):
             item = {k: v[i].to("cpu", dtype) for k, v in out.items()
                     if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == len(batch["index"])}
             for key in META_KEYS:
@@ -162,14 +187,20 @@ class FeatureCacheMixin:
             reasons.append("no frozen leading modules before a trainable one")
         if getattr(self.train_set, "augment", None) is not None:
             reasons.append("training augmentations are on (inputs change every epoch)")
-        if not getattr(self.train_set, "deterministic", True):
-            reasons.append("the training data is generated on the fly")
+        if not getattr(self.train_set, "deterministic", True) and self._train_pool() is None:
+            reasons.append("the training data is generated on the fly (a fixed pool, "
+                           "dataset.train.pseudo_anomaly.pool, allows the cache)")
         if reasons:
             if setting is True:
                 raise UserError(f"trainer.feature_cache: true, but {'; '.join(reasons)}")
             self.logger.info(f"feature cache off: {'; '.join(reasons)}")
             return False
         return True
+
+    def _train_pool(self):
+        """The pooled pseudo-anomaly dataset to cache (every version of every image), or None."""
+        pool = getattr(self.train_set, "pool_dataset", None)
+        return pool() if callable(pool) else None
 
     def _cache_dtype(self):
         return torch.float16 if self.cfg.trainer.get("feature_cache_dtype") == "float16" \
@@ -183,9 +214,16 @@ class FeatureCacheMixin:
         if train:
             # own generator: building the cache must not consume the global RNG, or the
             # feature jitter after it would differ from an uncached run
-            base = build_loader(self.train_set, self.batch_size, self.workers, shuffle=False,
+            pool = self._train_pool()
+            source = pool if pool is not None else self.train_set
+            base = build_loader(source, self.batch_size, self.workers, shuffle=False,
                                 generator=torch.Generator().manual_seed(self.seed))
-            cached, where = self._cached_features(self.train_set, base, "train")
+            cached, where = self._cached_features(source, base, "train")
+            count = f"{len(cached)} images"
+            if pool is not None:
+                count += (f" ({len(self.train_set)} training images x {pool.versions} "
+                          f"versions: itself and its pseudo-anomaly pool)")
+                cached = PoolSelection(cached, self.train_set)
             self.train_loader = build_loader(cached, self.batch_size, 0, shuffle=True,
                                              generator=self.loader_gen, sampler=self.sampler)
             self._train_cached = True
@@ -193,12 +231,13 @@ class FeatureCacheMixin:
             base = build_loader(self.test_set, self.test_batch_size, self.workers,
                                 shuffle=False, generator=torch.Generator().manual_seed(self.seed))
             cached, where = self._cached_features(self.test_set, base, "test")
+            count = f"{len(cached)} images"
             self.test_loader = self._test_loader(cached, 0)
             self._test_cached = True
         self.net = SkipPrefix(self.model, len(self.model.frozen_prefix))
         self.train_net = self._wrap_train(self.net)
         self.logger.info(f"cached {'train' if train else 'test'} features of "
-                         f"{', '.join(self.model.frozen_prefix)} for {len(cached)} images, "
+                         f"{', '.join(self.model.frozen_prefix)} for {count}, "
                          f"{where} ({time.time() - t0:.1f}s)")
 
     def _cached_features(self, dataset, loader, split):
