@@ -527,8 +527,9 @@ def test_dmad_experiment_configs_load_and_lite_builds():
 
     files = sorted((ROOT / "experiments").glob("*/dmad/*.yaml")) + sorted(
         (ROOT / "experiments" / "demo").glob("dmad*.yaml"))
-    files = [f for f in files if f.name not in ("lite_net.yaml", "lite_reference_net.yaml")]
-    assert len(files) == 22
+    files = [f for f in files if f.name not in ("lite_net.yaml", "lite_reference_net.yaml",
+                                                "reference_net.yaml")]
+    assert len(files) == 26
     for f in files:
         cfg = load_config(f)
         k = cfg.dataset.seen_anomalies.num_per_class
@@ -545,6 +546,12 @@ def test_dmad_experiment_configs_load_and_lite_builds():
     model = ModelHelper(cfg.net, input_size=cfg.dataset.input_size)
     assert model.frozen_prefix == ["backbone", "neck"]
     assert model.head.dim == 152 and model.head.knowledge_dim() == 5 * 152 + 2
+    # the authors' variant on their features: WRN50 layer2 + layer3 = 1536 dims, MLP 3C -> 1024
+    cfg = load_config(ROOT / "experiments" / "MVTec-AD" / "dmad" / "reference_semi_5.yaml",
+                      ["net.0.kwargs.pretrained=false"])
+    model = ModelHelper(cfg.net, input_size=cfg.dataset.input_size)
+    assert model.head.dim == 1536 and model.head.knowledge_dim() == 3 * 1536
+    assert model.head.score_head[0].out_features == 1024 and model.head.noise_std == 0.015
 
 
 @pytest.mark.slow
