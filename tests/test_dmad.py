@@ -545,7 +545,7 @@ def test_dmad_experiment_configs_load_and_lite_builds():
     cfg = load_config(ROOT / "experiments" / "MVTec-AD" / "dmad" / "lite_semi_5.yaml")
     model = ModelHelper(cfg.net, input_size=cfg.dataset.input_size)
     assert model.frozen_prefix == ["backbone", "neck"]
-    assert model.head.dim == 152 and model.head.knowledge_dim() == 5 * 152 + 2
+    assert model.head.dim == 152 and model.head.knowledge_dim() == 2  # the two distances
     # the authors' variant on their features: WRN50 layer2 + layer3 = 1536 dims, MLP 3C -> 1024
     cfg = load_config(ROOT / "experiments" / "MVTec-AD" / "dmad" / "reference_semi_5.yaml",
                       ["net.0.kwargs.pretrained=false"])
@@ -564,8 +564,8 @@ def test_pseudo_anomaly_pool_is_cached_and_trains_as_uncached(tmp_path):
     cfg_path = _write_config(tmp_path, seen=1)
     losses = {}
     for cache in (False, True):
-        cfg = load_config(cfg_path, ["dataset.train.pseudo_anomaly.pool=2",
-                                     f"trainer.feature_cache={str(cache).lower()}"])
+        cfg = load_config(cfg_path, [f"trainer.feature_cache={str(cache).lower()}"])
+        assert cfg.dataset.train.pseudo_anomaly.pool == 2  # the demo's default
         trainer = Trainer(cfg, tmp_path / f"pool_{cache}", torch.device("cpu"), progress=False)
         assert trainer.use_cache is cache
         trainer.prepare_modules()
@@ -579,7 +579,8 @@ def test_pseudo_anomaly_pool_is_cached_and_trains_as_uncached(tmp_path):
         trainer.close()
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
     # without a pool the data is made on the fly and the cache is refused
-    cfg = load_config(cfg_path, ["trainer.feature_cache=true"])
+    cfg = load_config(cfg_path, ["trainer.feature_cache=true",
+                                 "dataset.train.pseudo_anomaly.pool=null"])
     with pytest.raises(ValueError, match="fixed pool"):
         Trainer(cfg, tmp_path / "refused", torch.device("cpu"), progress=False)
 
