@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from models.heads.dmad_banks import (CENTER_SAMPLING, KIND_CENTRE, KIND_PSEUDO,  # noqa: F401
                                      KIND_REAL, KIND_SAMPLE, KIND_TEXTURE, NORMAL_SHARE,
                                      BankBuilding)
-from models.heads.memory_bank import downsample_mask, knn, min_distance_per_group
+from models.heads.memory_bank import (downsample_mask, knn, min_distance_per_group,
+                                      retrieval_excluder)
 from models.losses import PatchBCELoss, PatchFocalLoss  # noqa: F401  (their old home)
 from models.registry import MODELS
 from utils.errors import UserError
@@ -272,7 +273,7 @@ class DMAD(BankBuilding, nn.Module):
     # ------------------------------------------------------------------ retrieval
     def _nearest(self, q, bank, bank_src, row_src):
         d, _ = knn(q, bank, 1, self.query_chunk, self.bank_chunk,
-                   _excluder(row_src, None, bank_src, None))
+                   retrieval_excluder(row_src, None, bank_src, None))
         return d[:, 0]
 
     def _route_classes(self, q, batch, hw):
@@ -285,7 +286,7 @@ class DMAD(BankBuilding, nn.Module):
         """(N, K) indices of each row's ``topk`` nearest allowed memories."""
         k = min(self.topk, bank.shape[0])
         d, idx = knn(q, bank, k, self.query_chunk, self.bank_chunk,
-                     _excluder(row_src, row_cls, bank_src, bank_cls, *derived))
+                     retrieval_excluder(row_src, row_cls, bank_src, bank_cls, *derived))
         lost = ~torch.isfinite(d).all(1)
         if bool(lost.any()):  # every candidate excluded (e.g. a one-image class): no restriction
             _, idx[lost] = knn(q[lost], bank, k, self.query_chunk, self.bank_chunk)
@@ -310,7 +311,7 @@ class DMAD(BankBuilding, nn.Module):
     def _retrieve(self, q, bank, bank_src, bank_cls, row_src, row_cls, derived=(), name=None,
                   keys=None):
         """(distances (N, K), memories (N, K, C)) with gradients w.r.t. q. ``derived``:
-        (row groups, links) of memories derived from several images (see :func:`_excluder`);
+        (row groups, links) of memories derived from several images (see :func:`~models.heads.memory_bank.retrieval_excluder`);
         ``keys``: per-image memo keys (see the module docstring), None to search afresh."""
         args = (bank, bank_src, bank_cls, row_src, row_cls, derived)
         idx = self._memo_indices(name, keys, q.detach(), *args) if keys is not None \
@@ -390,37 +391,3 @@ class DMAD(BankBuilding, nn.Module):
         return (f"dim={self.dim}, knowledge={self.knowledge}, normal_bank="
                 f"{tuple(self.normal_bank.shape)}, abnormal_bank={tuple(self.abnormal_bank.shape)}"
                 f", bank_per_class={self.bank_per_class}")
-
-
-def _excluder(row_src, row_cls, bank_src, bank_cls, bank_group=None, links=None):
-    """The knn ``excluded`` callback: same source image (leave-one-image-out), or (per-class
-    banks) another class. Memories derived from several images (``bank_group`` >= 0: anomaly
-    centres and samples around them) are excluded for every image in their ``links``
-    (group, image) pairs, so a seen anomaly never meets a memory made from itself."""
-    if row_src is None and row_cls is None:
-        return None
-    contrib = None
-    if row_src is not None and links is not None and links.numel():
-        # (image in this batch, group) -> derived from it; only this batch's images matter
-        images, row_pos = torch.unique(row_src, return_inverse=True)
-        hit = links[:, 1].long()[:, None] == images[None]  # (L, images)
-        n_groups = max(int(links[:, 0].max()), int(bank_group.max())) + 1
-        contrib = torch.zeros(images.numel(), n_groups, dtype=torch.bool, device=row_src.device)
-        pair = hit.nonzero()
-        contrib[pair[:, 1], links[pair[:, 0], 0].long()] = True
-
-    def excluded(q0, q1, b0, b1):
-        m = None
-        if row_src is not None:
-            m = row_src[q0:q1, None] == bank_src[None, b0:b1].long()
-            if contrib is not None:
-                cols = (bank_group[b0:b1] >= 0).nonzero()[:, 0]
-                if cols.numel():
-                    groups = bank_group[b0:b1][cols].long()
-                    m[:, cols] |= contrib[row_pos[q0:q1]][:, groups]
-        if row_cls is not None:
-            other = row_cls[q0:q1, None] != bank_cls[None, b0:b1].long()
-            m = other if m is None else m | other
-        return m
-
-    return excluded

@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.heads.dmad import DMAD, KIND_REAL, _excluder
-from models.heads.memory_bank import downsample_mask, knn
+from models.heads.dmad import DMAD, KIND_REAL
+from models.heads.memory_bank import downsample_mask, knn, retrieval_excluder
 from models.registry import MODELS
 from utils.errors import UserError
 
@@ -90,7 +90,7 @@ class DMADReference(DMAD):
     def _nearest_memory(self, q, name, row_src):
         bank = getattr(self, f"{name}_bank")
         derived = (self.abnormal_group, self.derived_links) if name == "abnormal" else ()
-        excl = _excluder(row_src, None, getattr(self, f"{name}_src"), None, *derived)
+        excl = retrieval_excluder(row_src, None, getattr(self, f"{name}_src"), None, *derived)
         d, idx = knn(q.detach(), bank, 1, self.query_chunk, self.bank_chunk, excl)
         lost = ~torch.isfinite(d[:, 0])
         if bool(lost.any()):  # every memory excluded: no restriction

@@ -150,6 +150,40 @@ def knn(query, bank, k, query_chunk=4096, bank_chunk=16384, excluded=None):
     return out_d, out_i
 
 
+def retrieval_excluder(row_src, row_cls, bank_src, bank_cls, bank_group=None, links=None):
+    """The knn ``excluded`` callback: same source image (leave-one-image-out), or (per-class
+    banks) another class. Memories derived from several images (``bank_group`` >= 0: anomaly
+    centres and samples around them) are excluded for every image in their ``links``
+    (group, image) pairs, so a seen anomaly never meets a memory made from itself."""
+    if row_src is None and row_cls is None:
+        return None
+    contrib = None
+    if row_src is not None and links is not None and links.numel():
+        # (image in this batch, group) -> derived from it; only this batch's images matter
+        images, row_pos = torch.unique(row_src, return_inverse=True)
+        hit = links[:, 1].long()[:, None] == images[None]  # (L, images)
+        n_groups = max(int(links[:, 0].max()), int(bank_group.max())) + 1
+        contrib = torch.zeros(images.numel(), n_groups, dtype=torch.bool, device=row_src.device)
+        pair = hit.nonzero()
+        contrib[pair[:, 1], links[pair[:, 0], 0].long()] = True
+
+    def excluded(q0, q1, b0, b1):
+        m = None
+        if row_src is not None:
+            m = row_src[q0:q1, None] == bank_src[None, b0:b1].long()
+            if contrib is not None:
+                cols = (bank_group[b0:b1] >= 0).nonzero()[:, 0]
+                if cols.numel():
+                    groups = bank_group[b0:b1][cols].long()
+                    m[:, cols] |= contrib[row_pos[q0:q1]][:, groups]
+        if row_cls is not None:
+            other = row_cls[q0:q1, None] != bank_cls[None, b0:b1].long()
+            m = other if m is None else m | other
+        return m
+
+    return excluded
+
+
 @torch.no_grad()
 def min_distance_per_group(query, bank, groups, n_groups, query_chunk=4096, bank_chunk=16384):
     """(Nq, n_groups): the distance from each query row to the nearest bank row of each group
