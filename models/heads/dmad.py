@@ -292,7 +292,7 @@ class DMAD(BankBuilding, nn.Module):
             _, idx[lost] = knn(q[lost], bank, k, self.query_chunk, self.bank_chunk)
         return idx
 
-    def _memo_indices(self, name, keys, q, *args):
+    def _memo_indices(self, name, keys, q, bank, bank_src, bank_cls, row_src, row_cls, derived):
         """:meth:`_nearest_indices` through the per-image memo: ``keys`` (B,) say which fixed
         input each image is; only images not seen before are searched."""
         store = self._retrieval_memo.setdefault(name, {})
@@ -301,9 +301,9 @@ class DMAD(BankBuilding, nn.Module):
         if missing:
             rows = (torch.tensor(missing, device=q.device).unsqueeze(1) * hw
                     + torch.arange(hw, device=q.device)).reshape(-1)
-            sub = [a[rows] if torch.is_tensor(a) and a.shape[:1] == q.shape[:1] else a
-                   for a in args[3:5]]
-            found = self._nearest_indices(q[rows], *args[:3], *sub, *args[5:])
+            found = self._nearest_indices(
+                q[rows], bank, bank_src, bank_cls, None if row_src is None else row_src[rows],
+                None if row_cls is None else row_cls[rows], derived)
             for j, i in enumerate(missing):
                 store[keys[i]] = found[j * hw:(j + 1) * hw].to("cpu", torch.int32)
         return torch.cat([store[key] for key in keys]).to(q.device, torch.long)
@@ -311,8 +311,9 @@ class DMAD(BankBuilding, nn.Module):
     def _retrieve(self, q, bank, bank_src, bank_cls, row_src, row_cls, derived=(), name=None,
                   keys=None):
         """(distances (N, K), memories (N, K, C)) with gradients w.r.t. q. ``derived``:
-        (row groups, links) of memories derived from several images (see :func:`~models.heads.memory_bank.retrieval_excluder`);
-        ``keys``: per-image memo keys (see the module docstring), None to search afresh."""
+        (row groups, links) of memories derived from several images (see
+        ``memory_bank.retrieval_excluder``); ``keys``: per-image memo keys (see the module
+        docstring), None to search afresh."""
         args = (bank, bank_src, bank_cls, row_src, row_cls, derived)
         idx = self._memo_indices(name, keys, q.detach(), *args) if keys is not None \
             else self._nearest_indices(q.detach(), *args)
