@@ -203,3 +203,23 @@ def test_command_line_prints_markdown_without_importing_torch(tree):
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "collect_results.py"),
                           str(root / "missing")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "missing: no such file or folder" in bad.stderr
+
+
+def test_a_seen_anomaly_protocol_is_one_short_cell_and_whole_in_json(tmp_path, capsys):
+    """seen_anomalies (a dict with the drawn file list) varies between a k = 1 and a k = 20
+    run: the markdown cell names k and the file count, not every file; JSON keeps them all."""
+    files = [f"a/test/crack/{i:03d}.png" for i in range(20)]
+    for k in (1, 20):
+        seen = {"num_per_class": k, "seed": 0, "classes": None, "join_training": True,
+                "files": files[:k]}
+        write(tmp_path / f"k{k}", dict(BASE, seen_anomalies=seen), {"a": metrics(0.5)})
+    code, out, err = run([tmp_path / "k1", tmp_path / "k20"], capsys)
+    assert code == 0, err
+    cells = {r["run"].rsplit("/", 1)[1]: r["seen_anomalies"] for r in md_rows(out)}
+    assert cells["k1"] == ("classes=-, files=a/test/crack/000.png, join_training=True, "
+                           "num_per_class=1, seed=0")
+    assert cells["k20"].startswith("classes=-, files=20: a/test/crack/000.png,")
+    assert "a/test/crack/019.png" not in cells["k20"] and "num_per_class=20" in cells["k20"]
+    code, out, err = run([tmp_path / "k1", tmp_path / "k20", "--format", "json"], capsys)
+    rows = json.loads(out)["rows"]
+    assert rows[1]["protocol"]["seen_anomalies"]["files"] == files

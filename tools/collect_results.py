@@ -106,7 +106,8 @@ def _label(arg, path, several):
 
 def _show(v, short=False):
     """A protocol value as one cell: lists compactly (``short``: long ones as their length and
-    first items), nested objects as JSON."""
+    first items, objects as key=value pairs, so a seen-anomaly file list cannot swamp the
+    table), otherwise nested objects as JSON."""
     if v is None:
         return "-"
     if isinstance(v, (list, tuple)):
@@ -116,6 +117,8 @@ def _show(v, short=False):
             return ",".join(str(x) for x in v)
         return json.dumps(v, separators=(",", ":"))
     if isinstance(v, dict):
+        if short:  # e.g. seen_anomalies: "files=20: a.png,b.png,c.png,..., num_per_class=5"
+            return ", ".join(f"{k}={_show(v[k], short=True)}" for k in sorted(v))
         return json.dumps(v, separators=(",", ":"), sort_keys=True)
     return str(v)
 
