@@ -1,6 +1,7 @@
 """DMAD: coreset, neighbours, Filter, k-means, seen-anomaly split, knowledge, head, banks under
 the memory cap, checkpoint round trip, PatchCore neck, losses; one slow end-to-end run."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -529,12 +530,12 @@ def test_dmad_experiment_configs_load_and_lite_builds():
         (ROOT / "experiments" / "demo").glob("dmad*.yaml"))
     files = [f for f in files if f.name not in ("lite_net.yaml", "lite_reference_net.yaml",
                                                 "reference_net.yaml")]
-    assert len(files) == 26
+    assert len(files) == 28
     for f in files:
         cfg = load_config(f)
         k = cfg.dataset.seen_anomalies.num_per_class
-        stem = f.stem.replace("dmad_semi", "semi_")
-        assert k == (int(stem.rsplit("_", 1)[1]) if "semi" in stem else 0), f
+        semi = re.search(r"semi_?(\d+)$", f.stem)  # lite_semi_5, dmad_reference_semi5
+        assert k == (int(semi.group(1)) if semi else 0), f
         reference = "reference" in f.stem
         assert cfg.net[2].type == ("models.heads.DMADReference" if reference
                                    else "models.heads.DMAD"), f
