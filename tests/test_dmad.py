@@ -1,7 +1,6 @@
 """DMAD: coreset, neighbours, Filter, k-means, seen-anomaly split, knowledge, head, banks under
 the memory cap, checkpoint round trip, PatchCore neck, losses; one slow end-to-end run."""
 import json
-import math
 import re
 
 import numpy as np
@@ -76,45 +75,6 @@ def test_streaming_coreset_one_buffer_equals_one_shot_and_sizes_hold():
     feats, s, _ = small.result()
     assert feats.shape[0] == 20 and small.reductions >= 4  # capped at max_size
     assert torch.equal(feats, x[s])  # ids travel with their rows
-
-
-def test_per_class_coreset_is_the_union_of_each_class_greedy_selection():
-    """coreset_per_class: each class keeps ceil(ratio * its rows), chosen by greedy k-center
-    over that class alone (brute: greedy_coreset on the class's rows); shares of max_size
-    when capped; with a single class it is the one-bank coreset."""
-    x = _clustered(n=500)
-    src = torch.arange(500)
-    order = torch.randperm(500, generator=torch.Generator().manual_seed(1))
-    cls = torch.tensor([0] * 300 + [2] * 150 + [5] * 50)[order]  # interleaved in the stream
-
-    def stream(per_class, max_size=None, buffer_rows=10 ** 6, c=cls):
-        core = StreamingCoreset(0.05, max_size, proj_dim=None, buffer_rows=buffer_rows,
-                                seed=2, per_class=per_class)
-        for a in range(0, 500, 64):
-            core.add(x[a:a + 64], src[a:a + 64], c[a:a + 64])
-        return core, core.result()
-
-    core, (feats, s, c) = stream(True)
-    assert torch.equal(feats, x[s]) and torch.equal(c, cls[s])
-    for k, n in ((0, 300), (2, 150), (5, 50)):
-        rows = (cls == k).nonzero().flatten()
-        idx, _ = greedy_coreset(x[rows], math.ceil(0.05 * n), proj_dim=None, seed=2 + 7919 * k)
-        assert sorted(s[c == k].tolist()) == sorted(rows[idx].tolist()), k
-    covering = max(float(torch.cdist(x[cls == k], x[s[c == k]]).min(1).values.max())
-                   for k in (0, 2, 5))  # every row to its own class's memories
-    assert core.radius == pytest.approx(covering, rel=1e-4)
-    # capped: 15 + 8 + 3 = 26 > 12 -> shares by rows seen, 7 / 3 / 1 (floor, at least 1)
-    _, (feats, s, c) = stream(True, max_size=12)
-    assert [int((c == k).sum()) for k in (0, 2, 5)] == [7, 3, 1]
-    # merge-and-reduce keeps each class's share and the ids with their rows
-    small, (feats, s, c) = stream(True, buffer_rows=100)
-    assert small.reductions >= 4 and torch.equal(feats, x[s]) and torch.equal(c, cls[s])
-    assert [int((c == k).sum()) for k in (0, 2, 5)] == [15, 8, 3]
-    # one class: exactly the one-bank selection
-    zeros = torch.zeros(500, dtype=torch.long)
-    _, (_, s1, _) = stream(True, c=zeros)
-    _, (_, s0, _) = stream(False, c=zeros)
-    assert s1.tolist() == s0.tolist()
 
 
 # ----------------------------------------------------------------------------- neighbours
@@ -455,11 +415,6 @@ def test_build_banks_contents_and_memory_cap():
     _fit(small, _conv_extractor(), data, batch_size=4)
     assert small.bank_nbytes() <= int(0.002 * 2 ** 20)
     assert small.normal_bank.shape[0] < info["normal_bank"] and small.abnormal_bank.shape[0] > 0
-    # coreset_per_class: each class (3 normal images x 64 patches) keeps ceil(0.1 * 192)
-    per_class = DMAD([16], [4], input_size=[32, 32], coreset_ratio=0.1, coreset_per_class=True)
-    info = _fit(per_class, _conv_extractor(), data, batch_size=4)
-    assert info["coreset_per_class"] is True and info["normal_bank"] == 2 * 20
-    assert torch.bincount(per_class.normal_cls.long()).tolist() == [20, 20]
 
 
 def _model(tmp_path):

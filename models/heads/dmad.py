@@ -11,8 +11,7 @@ training images:
 
 * normal bank: greedy k-center coreset (random projection to ``coreset_proj_dim`` = 128 for
   the distance computations) keeping ``coreset_ratio`` = 0.02 of the patches (paper), at most
-  ``max_normal_bank`` (``coreset_per_class``: selected per class, ~1/C of the time, one bank
-  all the same); one bank over all classes (unified, default) or with ``bank_per_class``
+  ``max_normal_bank``; one bank over all classes (unified, default) or with ``bank_per_class``
   each image retrieves only from its class (the class is routed at test time to the class
   whose memories fit the image best, so no label is needed).
 * abnormal bank: ``pseudo_per_image`` DRAEM pseudo anomalies per normal image (recipe from
@@ -90,7 +89,7 @@ class DMAD(BankBuilding, nn.Module):
 
     def __init__(self, inplanes, instrides=None, input_size=None, feature_size=None,
                  coreset_ratio=0.02, max_normal_bank=20000, coreset_proj_dim=128,
-                 coreset_buffer_mb=512, bank_per_class=False, coreset_per_class=False,
+                 coreset_buffer_mb=512, bank_per_class=False,
                  abnormal_coreset_ratio=0.1, max_abnormal_bank=10000, pseudo_per_image=1,
                  pseudo_anomaly=None, filter_threshold=0.5,
                  num_centers=8, center_samples=8, center_spread=0.5,
@@ -145,7 +144,6 @@ class DMAD(BankBuilding, nn.Module):
         self.coreset_proj_dim = int(coreset_proj_dim or 0)
         self.coreset_buffer_mb = float(coreset_buffer_mb)
         self.bank_per_class = bool(bank_per_class)
-        self.coreset_per_class = bool(coreset_per_class)
         self.abnormal_coreset_ratio = float(abnormal_coreset_ratio)
         self.max_abnormal_bank = int(max_abnormal_bank)
         self.pseudo_per_image = int(pseudo_per_image)

@@ -52,7 +52,7 @@ class BankBuilding:
         buffer_rows = max(1024, int(self.coreset_buffer_mb * 2 ** 20 / (4 * self.dim)))
         normal_cap, _ = self.bank_caps()
         normal = StreamingCoreset(self.coreset_ratio, normal_cap, self.coreset_proj_dim,
-                                  buffer_rows, self.seed, per_class=self.coreset_per_class)
+                                  buffer_rows, self.seed)
         pseudo = StreamingCoreset(self.abnormal_coreset_ratio, self.max_abnormal_bank,
                                   self.coreset_proj_dim, buffer_rows, self.seed + 1)
         sample_q, sample_src = [], []
@@ -134,7 +134,7 @@ class BankBuilding:
             "classes": len(self.class_names), "feature_grid": list(grid or []),
             "normal_images": data.n_normal, "seen_anomaly_images": data.n_seen,
             "normal_patches_seen": normal.seen, "normal_bank": int(self.normal_bank.shape[0]),
-            "coreset_reductions": normal.reductions, "coreset_per_class": normal.per_class,
+            "coreset_reductions": normal.reductions,
             "pseudo_patches_seen": pseudo.seen,
             "abnormal_bank": int(self.abnormal_bank.shape[0]),
             "abnormal_pseudo": kinds[KIND_PSEUDO], "abnormal_real": kinds[KIND_REAL],

@@ -60,13 +60,9 @@ class StreamingCoreset:
     Rows collect in a buffer of at most ``buffer_rows``; a full buffer is merged with the
     current selection and reduced (greedy k-center) to ``ceil(ratio * rows seen)`` (at most
     ``max_size``). When everything fits in one buffer the result is the exact one-shot coreset.
-    ``per_class``: one greedy selection per class id, each keeping ``ceil(ratio * rows seen of
-    that class)`` (shares of ``max_size`` by rows seen when capped); the unified bank is their
-    union. Greedy k-center costs ~ kept x rows, so C classes cost about 1/C of one selection.
     """
 
-    def __init__(self, ratio, max_size, proj_dim=128, buffer_rows=1_000_000, seed=0,
-                 per_class=False):
+    def __init__(self, ratio, max_size, proj_dim=128, buffer_rows=1_000_000, seed=0):
         if not 0.0 < float(ratio) <= 1.0:
             raise UserError(f"coreset ratio must be in (0, 1], got {ratio}")
         self.ratio = float(ratio)
@@ -74,9 +70,7 @@ class StreamingCoreset:
         self.proj_dim = proj_dim
         self.buffer_rows = max(int(buffer_rows), 1)
         self.seed = int(seed)
-        self.per_class = bool(per_class)
         self.seen = 0
-        self.seen_per_class = {}
         self.reductions = 0
         self.radius = 0.0
         self._parts = []
@@ -93,39 +87,8 @@ class StreamingCoreset:
         self._parts.append((feats, src, cls))
         self._rows += feats.shape[0]
         self.seen += feats.shape[0]
-        if self.per_class:
-            ids, counts = torch.unique(cls.cpu(), return_counts=True)
-            for c, k in zip(ids.tolist(), counts.tolist()):
-                self.seen_per_class[c] = self.seen_per_class.get(c, 0) + k
         if self._rows >= self.buffer_rows:
             self._reduce()
-
-    def _class_targets(self):
-        """{class id: rows to keep}: ceil(ratio * seen), scaled to shares of ``max_size``."""
-        want = {c: max(1, math.ceil(self.ratio * n)) for c, n in self.seen_per_class.items()}
-        if self.max_size is not None and sum(want.values()) > self.max_size:
-            want = {c: max(1, self.max_size * n // self.seen)
-                    for c, n in self.seen_per_class.items()}
-        return want
-
-    def _keep(self, feats, cls):
-        """Indices of the rows to keep (None: all), and the covering radius."""
-        seed = self.seed + self.reductions
-        if not self.per_class:
-            n = self.target()
-            if feats.shape[0] <= n:
-                return None, self.radius
-            return greedy_coreset(feats, n, self.proj_dim, seed)
-        keep, radius, cut = [], 0.0, False
-        cls_cpu = cls.cpu()
-        for c, n in sorted(self._class_targets().items()):
-            rows = (cls_cpu == c).nonzero().flatten()
-            if rows.numel() > n:
-                idx, r = greedy_coreset(feats[rows.to(feats.device)], n, self.proj_dim,
-                                        seed + 7919 * c)
-                rows, radius, cut = rows[idx.cpu()], max(radius, r), True
-            keep.append(rows)
-        return (torch.cat(keep).to(feats.device), radius) if cut else (None, self.radius)
 
     def _reduce(self):
         parts = ([self._selected] if self._selected is not None else []) + self._parts
@@ -135,10 +98,10 @@ class StreamingCoreset:
         src = torch.cat([p[1] for p in parts])
         cls = torch.cat([p[2] for p in parts])
         self._parts, self._rows = [], 0
-        idx, radius = self._keep(feats, cls)
-        if idx is not None:
-            feats, src, cls = feats[idx], src[idx.to(src.device)], cls[idx.to(cls.device)]
-            self.radius = radius
+        n = self.target()
+        if feats.shape[0] > n:
+            idx, self.radius = greedy_coreset(feats, n, self.proj_dim, self.seed + self.reductions)
+            feats, src, cls = feats[idx], src[idx], cls[idx]
             self.reductions += 1
         self._selected = (feats, src, cls)
 
