@@ -73,6 +73,30 @@ def test_class_name_restricts_to_one_class(tmp_path):
     assert list(results["per_class"]) == ["weave"]
     assert results["protocol"]["setting"] == "single-class"
 
+def test_protocol_names_method_config_opts_and_departures_from_the_run(tmp_path):
+    base = make_config(tmp_path, epochs=2)
+    cfg = yaml.safe_load(base.read_text())
+    cfg["departures"] = {"schedule": "2 epochs (paper 1000)", "backbone": "resnet18 (paper B4)"}
+    base.write_text(yaml.safe_dump(cfg))
+    child = tmp_path / "child.yaml"
+    child.write_text(f"_base_: {base}\ndepartures:\n  backbone: null\n")
+    work = tmp_path / "run"
+    run(["--config", str(child), "--work_dir", str(work), "--opts", "trainer.max_epoch=1"])
+    trained = json.loads((work / "results.json").read_text())["protocol"]
+    assert trained["method"] == "UniAD" and trained["config"] == str(child)
+    assert trained["opts"] == ["trainer.max_epoch=1"] and trained["epochs"] == 1
+    assert trained["departures"] == {"schedule": "2 epochs (paper 1000)"}  # null: dropped
+    md = (work / "results.md").read_text()
+    assert "\n- schedule: 2 epochs (paper 1000)\n" in md and "backbone (paper" not in md
+    assert "<li>schedule: 2 epochs (paper 1000)</li>" in (work / "report.html").read_text()
+    child.write_text(f"_base_: {base}\n")  # the file changed since: the run is the record
+    run(["--work_dir", str(work), "--evaluate"])
+    again = json.loads((sorted((work / "evaluations").iterdir())[-1] /
+                        "results.json").read_text())["protocol"]
+    assert {k: again[k] for k in ("method", "config", "opts", "departures")} == \
+        {k: trained[k] for k in ("method", "config", "opts", "departures")}
+
+
 def test_user_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
     cfg = make_config(tmp_path, epochs=1)
     code = train_val.main(["--config", str(cfg), "--work_dir", str(tmp_path / "x"),

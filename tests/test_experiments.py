@@ -7,7 +7,7 @@ from easydict import EasyDict
 
 from conftest import ROOT
 from tools._common import add_data_args, add_run_args, apply_data_args
-from utils.config import load_config
+from utils.config import ConfigError, load_config
 
 EXP = ROOT / "experiments"
 SPLITS = {"01234": [0, 1, 2, 3, 4], "56789": [5, 6, 7, 8, 9], "02468": [0, 2, 4, 6, 8],
@@ -110,3 +110,46 @@ def test_busy_cpu_note_suggests_one_thread(monkeypatch, capsys):
     monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
     warn_if_busy()
     assert capsys.readouterr().err == ""
+
+
+def _departures(cfg):
+    return {k: v for k, v in (cfg.get("departures") or {}).items() if v}
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(EXP)) for p in
+                                        [*EXP.glob("MVTec-AD/*/*.yaml"), *EXP.glob("VisA/*/*.yaml"),
+                                         *EXP.glob("CIFAR-10/*/*.yaml")]
+                                        if "_base_:" in p.read_text()))
+def test_configs_state_their_departures_truly(path):
+    """The ``departures`` a config copies into every results protocol say what it runs."""
+    cfg = load_config(EXP / path)
+    dep, head = _departures(cfg), cfg.net[-1]
+    text = " ".join(dep.values())
+    assert ("Lite0" in text) == (cfg.net[0].type.endswith("efficientnet_lite0")), path
+    if head.type.endswith("DMAD"):
+        assert dep["method"].startswith("our reconstruction of DMAD")
+        k = head.kwargs
+        two = list(k.knowledge) == ["distance"] and not k.include_query
+        assert ("the two distances only" in dep["knowledge"]) == two, path
+        assert f"{cfg.trainer.max_epoch} epochs" in dep["head_and_loss"]
+    elif head.type.endswith("DMADReference"):
+        assert dep["method"].startswith("the authors' code")
+        noise = head.kwargs.noise_std
+        assert (f"noise std {noise:g}" in dep["head_and_loss"]) == (noise != 0.015), path
+        assert f"{cfg.trainer.max_epoch} epochs" in dep["head_and_loss"]
+        assert "centres" not in dep and "speed" not in dep
+    elif "lite" in path:  # UniAD / DuMeNet lite
+        assert f"{cfg.trainer.max_epoch} epochs" in dep["schedule"]
+        assert f"{cfg.net[2].kwargs.num_encoder_layers} + {cfg.net[2].kwargs.num_decoder_layers}" \
+            " layers" in dep["transformer"]
+    else:
+        assert ("spatial_memory" in dep) == ("dumenet" in path), path  # paper settings otherwise
+
+
+def test_departures_must_be_sentences(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"_base_: {EXP / 'MVTec-AD/uniad/lite.yaml'}\ndepartures:\n  backbone: 3\n")
+    with pytest.raises(ConfigError, match=r"'departures.backbone' must be str, got int 3"):
+        load_config(path)
+    path.write_text(f"_base_: {EXP / 'MVTec-AD/uniad/lite.yaml'}\ndepartures:\n  backbone: null\n")
+    assert "backbone" not in _departures(load_config(path))

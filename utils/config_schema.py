@@ -178,6 +178,9 @@ SCHEMA = {
         "vis_single": OptionalT({"*": Any}),
         "eval_dir": Path,
     },
+    # choices that differ from the paper the config follows, by topic; copied into every
+    # results protocol (null drops a base config's entry)
+    "departures": OptionalT({"*": OptionalT(str)}),
     "frozen_layers": OptionalT(ListOf(str)),
     "net": ListOf({
         "name": str,

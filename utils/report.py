@@ -109,14 +109,19 @@ def _fmt(v, digits=4):
 def render_html(title, results, class_sections, note=None):
     """The report page. ``class_sections``: [(class, entry, [curve paths], [(panel path,
     caption, wrong)])], paths relative to the report."""
-    from utils.results import protocol_line, results_table
+    from utils.results import departure_lines, protocol_line, results_table
 
     e = html.escape
     out = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
            f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
            f"<h1>{e(title)}</h1>"]
     if results:
-        out.append(f"<p class='protocol'>{e(protocol_line(results.get('protocol') or {}))}</p>")
+        protocol = results.get("protocol") or {}
+        out.append(f"<p class='protocol'>{e(protocol_line(protocol, departures=False))}</p>")
+        lines = departure_lines(protocol)
+        if lines:
+            out.append("<p>Departures from the paper the config follows:</p><ul>" +
+                       "".join(f"<li>{e(line[2:])}</li>" for line in lines) + "</ul>")
         if results.get("per_class") is not None and results.get("mean") is not None:
             out.append(results_table(results, fmt="html"))  # tabulate escapes the cells
         best = results.get("best_on_test_set")

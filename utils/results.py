@@ -22,19 +22,42 @@ def results_table(results, fmt="github"):
     return tabulate(rows, headers=["class"] + metrics, tablefmt=fmt)
 
 
-def protocol_line(protocol):
+def _show(value):
+    """Mappings as ``{key: value; ...}`` (``departures`` reads as a list of sentences)."""
+    if isinstance(value, dict):
+        return "{" + "; ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    return value
+
+
+def protocol_line(protocol, departures=True):
+    """One line; ``departures=False`` leaves them for ``departure_lines``."""
     p = dict(protocol)
     classes = p.pop("classes", [])
-    parts = [f"{k}={v}" for k, v in p.items()]
+    if not departures:
+        p.pop("departures", None)
+    parts = [f"{k}={_show(v)}" for k, v in p.items()]
     return f"protocol: {', '.join(parts)}, classes={len(classes)}; metrics in %"
+
+
+def departure_lines(protocol):
+    """The config's departures from its paper, one ``- topic: text`` line each."""
+    return [f"- {k}: {v}" for k, v in (protocol.get("departures") or {}).items()]
+
+
+def _results_md(results):
+    protocol = results["protocol"]
+    lines = departure_lines(protocol)
+    departures = ("Departures from the paper the config follows:\n\n" + "\n".join(lines) +
+                  "\n\n") if lines else ""
+    return (f"# Results\n\n{protocol_line(protocol, departures=False)}\n\n{departures}"
+            f"{results_table(results)}\n")
 
 
 def write_results(results, work_dir):
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("results.json", json.dumps(results, indent=2)),
-                       ("results.md", f"# Results\n\n{protocol_line(results['protocol'])}\n\n"
-                                      f"{results_table(results)}\n")):
+                       ("results.md", _results_md(results))):
         tmp = work_dir / (name + ".tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, work_dir / name)

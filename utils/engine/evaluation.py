@@ -30,6 +30,23 @@ def gather_inference(parts):
     return merged
 
 
+def run_identity(record, cfg):
+    """The config a run started from, its ``--opts`` and the config's ``departures`` (choices
+    that differ from the paper it follows), so a results table names what it measured."""
+    out = {}
+    config_file = record.get("config_file")
+    if config_file:
+        root = Path(__file__).resolve().parents[2]
+        path = Path(config_file)
+        out["config"] = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+    if record.get("opts"):
+        out["opts"] = list(record["opts"])
+    departures = {k: v for k, v in (cfg.get("departures") or {}).items() if v}
+    if departures:
+        out["departures"] = departures
+    return out
+
+
 class EvaluationMixin:
     """The Trainer's evaluation side: ``evaluate_now``, ``evaluate``, ``protocol``, ``report``."""
 
@@ -52,7 +69,9 @@ class EvaluationMixin:
              else ""),
             "backbone": (backbone.get("kwargs") or {}).get("model_name") or
             backbone.type.rsplit(".", 1)[-1],
+            "method": self.cfg.net[-1].type.rsplit(".", 1)[-1],
         }
+        protocol.update(run_identity(self.record, self.cfg))
         if self.max_epoch != epochs:
             protocol["epochs_planned"] = self.max_epoch
         seen = getattr(self.train_set, "seen_anomalies", None)
