@@ -88,6 +88,7 @@ def test_protocol_names_method_config_opts_and_departures_from_the_run(tmp_path)
     assert trained["departures"] == {"schedule": "2 epochs (paper 1000)"}  # null: dropped
     md = (work / "results.md").read_text()
     assert "\n- schedule: 2 epochs (paper 1000)\n" in md and "backbone (paper" not in md
+    assert "(as its file states them; the run's opts above come after):" in md
     assert "<li>schedule: 2 epochs (paper 1000)</li>" in (work / "report.html").read_text()
     child.write_text(f"_base_: {base}\n")  # the file changed since: the run is the record
     run(["--work_dir", str(work), "--evaluate"])

@@ -118,7 +118,8 @@ def _departures(cfg):
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(EXP)) for p in
                                         [*EXP.glob("MVTec-AD/*/*.yaml"), *EXP.glob("VisA/*/*.yaml"),
-                                         *EXP.glob("CIFAR-10/*/*.yaml")]
+                                         *EXP.glob("CIFAR-10/*/*.yaml"),
+                                         *EXP.glob("demo/*.yaml")]
                                         if "_base_:" in p.read_text()))
 def test_configs_state_their_departures_truly(path):
     """The ``departures`` a config copies into every results protocol say what it runs."""
@@ -137,13 +138,18 @@ def test_configs_state_their_departures_truly(path):
         noise = head.kwargs.noise_std
         assert (f"noise std {noise:g}" in dep["head_and_loss"]) == (noise != 0.015), path
         assert f"{cfg.trainer.max_epoch} epochs" in dep["head_and_loss"]
-        assert "centres" not in dep and "speed" not in dep
-    elif "lite" in path:  # UniAD / DuMeNet lite
+        assert "centres" not in dep and "speed" not in dep and "image_score" not in dep
+    elif cfg.net[0].type.endswith("efficientnet_lite0"):  # UniAD / DuMeNet, smaller
         assert f"{cfg.trainer.max_epoch} epochs" in dep["schedule"]
         assert f"{cfg.net[2].kwargs.num_encoder_layers} + {cfg.net[2].kwargs.num_decoder_layers}" \
             " layers" in dep["transformer"]
     else:
         assert ("spatial_memory" in dep) == ("dumenet" in path), path  # paper settings otherwise
+    if "speed" in dep:
+        assert f"{head.kwargs.coreset_proj_dim}-d coreset" in dep["speed"]
+        assert f"{cfg.dataset.train.pseudo_anomaly.pool} fixed pseudo" in dep["speed"]
+    if "image_score" in dep:
+        assert cfg.evaluator.image_score.reduction == "topk" and "top 1 %" in dep["image_score"]
 
 
 def test_departures_must_be_sentences(tmp_path):

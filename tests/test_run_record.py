@@ -101,6 +101,12 @@ def test_changed_flags_are_refused_then_recorded_with_override(runs, capsys):
     other = write_cfg(runs["tmp"] / "other.yaml", epochs=4)
     code = main("train_val", ["--config", str(other), "--work_dir", str(run), "--evaluate"])
     assert code == 2 and "trainer.max_epoch: 2 -> 4" in capsys.readouterr().err
+    # the run's own config plus departures (prose, as after an upgrade): not a change
+    same = yaml.safe_load(runs["cfg"].read_text())
+    same["departures"] = {"schedule": "2 epochs (paper 1000)"}
+    (runs["tmp"] / "same.yaml").write_text(yaml.safe_dump(same))
+    assert main("train_val", ["--config", str(runs["tmp"] / "same.yaml"), "--work_dir",
+                              str(run), "--evaluate"]) == 0
 
 
 def test_resume_from_the_run_folder_is_exact_and_extension_is_an_override(

@@ -62,6 +62,10 @@ def test_two_cell_sweep_writes_one_table(tmp_path):
         assert run_cfg["net"][2]["kwargs"]["fusion_mode"] == "gate"
     md = (work / "sweep.md").read_text()
     assert "protocol:" in md
+    # each cell's protocol names its opts; the table shows them once, as the grid's columns
+    assert [c["protocol"]["opts"][-1] for c in cells] == [
+        "net.2.kwargs.memory_mode=none", "net.2.kwargs.memory_mode=both"]
+    assert "opts=" not in md and "| opts" not in md
     rows = [line for line in md.splitlines() if line.startswith("| none") or
             line.startswith("| both")]
     assert len(rows) == 2

@@ -92,9 +92,9 @@ def write_report(work_dir, args, grid, cells):
 
     done = [c for c in cells if c["status"] == "ok"]
     protocols = [c["protocol"] for c in done]
-    varying = sorted({k for p in protocols for k in p if any(q.get(k) != p.get(k)
-                                                             for q in protocols)})
-    shared = {k: v for k, v in (protocols[0].items() if protocols else []) if k not in varying}
+    differ = {k for p in protocols for k in p if any(q.get(k) != p.get(k) for q in protocols)}
+    shared = {k: v for k, v in (protocols[0].items() if protocols else []) if k not in differ}
+    varying = sorted(differ - {"opts"})  # the cells' opts are the grid's own columns
     metrics = list(dict.fromkeys(m for c in done for m in c["mean"]))
     labels = cell_names(grid)
     headers = [*labels, "status", *varying, *metrics, "epoch"]

@@ -109,7 +109,7 @@ def _fmt(v, digits=4):
 def render_html(title, results, class_sections, note=None):
     """The report page. ``class_sections``: [(class, entry, [curve paths], [(panel path,
     caption, wrong)])], paths relative to the report."""
-    from utils.results import departure_lines, protocol_line, results_table
+    from utils.results import departure_lines, departures_heading, protocol_line, results_table
 
     e = html.escape
     out = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
@@ -120,7 +120,7 @@ def render_html(title, results, class_sections, note=None):
         out.append(f"<p class='protocol'>{e(protocol_line(protocol, departures=False))}</p>")
         lines = departure_lines(protocol)
         if lines:
-            out.append("<p>Departures from the paper the config follows:</p><ul>" +
+            out.append(f"<p>{e(departures_heading(protocol))}</p><ul>" +
                        "".join(f"<li>{e(line[2:])}</li>" for line in lines) + "</ul>")
         if results.get("per_class") is not None and results.get("mean") is not None:
             out.append(results_table(results, fmt="html"))  # tabulate escapes the cells

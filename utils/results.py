@@ -44,10 +44,17 @@ def departure_lines(protocol):
     return [f"- {k}: {v}" for k, v in (protocol.get("departures") or {}).items()]
 
 
+def departures_heading(protocol):
+    """The sentences are the config file's: ``--opts`` may have changed what they describe."""
+    return "Departures from the paper the config follows" + (
+        " (as its file states them; the run's opts above come after)"
+        if protocol.get("opts") else "") + ":"
+
+
 def _results_md(results):
     protocol = results["protocol"]
     lines = departure_lines(protocol)
-    departures = ("Departures from the paper the config follows:\n\n" + "\n".join(lines) +
+    departures = (f"{departures_heading(protocol)}\n\n" + "\n".join(lines) +
                   "\n\n") if lines else ""
     return (f"# Results\n\n{protocol_line(protocol, departures=False)}\n\n{departures}"
             f"{results_table(results)}\n")

@@ -12,8 +12,9 @@ from pathlib import Path
 from utils.errors import UserError
 
 RECORD_NAME = "run.json"
-# keys that describe where a config was read from, not what the run does
-_IGNORED_KEYS = ("config_path",)
+# keys that describe where a config was read from or how it departs from its paper (prose),
+# not what the run does: a run made before a sentence was reworded still resumes
+_IGNORED_KEYS = ("config_path", "departures")
 
 
 class RunRecordError(UserError):
@@ -65,7 +66,7 @@ def config_diff(old, new):
     a, b = flatten(old), flatten(new)
     changes = []
     for key in sorted(set(a) | set(b)):
-        if key in _IGNORED_KEYS:
+        if key.split(".", 1)[0] in _IGNORED_KEYS:
             continue
         va, vb = a.get(key, _MISSING), b.get(key, _MISSING)
         if va != vb:
