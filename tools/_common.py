@@ -14,6 +14,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from utils import code_state  # noqa: E402
+from utils.code_state import code_version  # noqa: E402,F401  (tools.export uses it)
 from utils.errors import UserError  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -172,21 +174,6 @@ def resolve_work_dir(args, pick_latest):
     return Path(args.work_dir) if args.work_dir else default_work_dir(args.config, pick_latest)
 
 
-def code_version():
-    """The DualMem commit (with '+dirty' for local changes) or 'unknown' outside git."""
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=5)
-        if rev.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True,
-                               timeout=5).stdout.strip()
-        return rev.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 @dataclass
 class RunPlan:
     """What a tool is about to do with a run folder: the config to use, the record, and the
@@ -212,7 +199,8 @@ def new_record(tool, args, class_name=None, setting=None):
         "device": getattr(args, "device", None),
         "threads": getattr(args, "threads", None),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "dualmem_version": code_version(),
+        "dualmem_version": code_state.code_version(),
+        "environment": code_state.environment(),
         "history": [],
     }
 

@@ -3,6 +3,7 @@ utils/checkpoint.py), how a run continues from one, and the run record (``run.js
 import math
 from pathlib import Path
 
+from utils import code_state
 from utils import distributed as du
 from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils.config import to_plain
@@ -124,8 +125,17 @@ class CheckpointMixin:
         if action == "start":
             rec.setdefault("setting", "single-class" if self.class_name else "unified")
             rec["class_name"] = self.class_name
-        elif self.changes:
+            if code_state.is_dirty(rec.get("dualmem_version")):
+                rec["code_diff"] = code_state.save_diff(self.work_dir)
+        else:
             import sys
 
-            rec["history"].append(history_entry(action, self.changes, sys.argv))
+            code = code_state.state_changes(rec)  # another commit or package versions
+            version = dict((k, new) for k, _, new in code).get("dualmem_version")
+            if code_state.is_dirty(version):
+                name = f"code-{version.split('+dirty.')[-1]}.diff"
+                rec.setdefault("code_diffs", []).append(code_state.save_diff(self.work_dir, name))
+            if self.changes or code:
+                rec["history"].append(history_entry(action, list(self.changes) + code,
+                                                    sys.argv))
         write_record(self.work_dir, rec)
