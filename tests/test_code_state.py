@@ -37,40 +37,61 @@ def test_clean_tree_is_its_commit_and_has_no_diff(repo):
     head = git(repo, "rev-parse", "--short", "HEAD").strip()
     (repo / "runs").mkdir()
     (repo / "runs" / "out.txt").write_text("ignored output\n")
-    assert code_state.code_version() == head and code_state.code_diff() is None
+    snap = code_state.snapshot()
+    assert snap.version == head and snap.diff is None and snap.save(repo) is None
 
 
-def test_the_diff_rebuilds_the_working_tree_exactly(repo, tmp_path):
+def test_the_diff_rebuilds_the_working_tree_exactly(repo, tmp_path, monkeypatch):
     (repo / "pkg" / "a.py").write_text("x = 2  # changed\n")
     (repo / "pkg" / "new.py").write_text("y = 3\n")  # untracked, not ignored
-    (repo / "big.bin").write_bytes(b"\0" * 64)
-    version = code_state.code_version()
-    assert code_state.is_dirty(version) and version.startswith(
-        git(repo, "rev-parse", "--short", "HEAD").strip() + "+dirty.")
-    diff = code_state.code_diff(max_new_file=32)
-    assert "# untracked big.bin: 64 bytes, not included" in diff
-    patch = tmp_path / "code.diff"
-    patch.write_text(diff)
+    (repo / "pkg" / "blob.bin").write_bytes(bytes(range(256)))  # binary, not UTF-8
+    (repo / "big.txt").write_text("z\n" * 200)
+    (repo / "old_run").mkdir()  # a run folder inside the checkout is not code
+    (repo / "old_run" / "run.json").write_text("{}")
+    (repo / "old_run" / "log.txt").write_text("log\n")
+    (repo / "this_run").mkdir()
+    (repo / "this_run" / "log.txt").write_text("log\n")
+    monkeypatch.setattr(code_state, "MAX_NEW_BYTES", 300)
+    snap = code_state.snapshot(exclude=repo / "this_run")
+    head = git(repo, "rev-parse", "--short", "HEAD").strip()
+    assert snap.dirty and snap.version.startswith(head + "+dirty.")
+    diff = snap.diff.decode("utf-8", "replace")
+    assert "# untracked, not included (over 200 files or 300 bytes): big.txt (400 bytes)" in diff
+    assert "log.txt" not in diff
+    assert snap.save(tmp_path) == "code.diff"
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", str(repo), str(clone))
-    git(clone, "apply", str(patch))
-    assert (clone / "pkg" / "a.py").read_text() == "x = 2  # changed\n"
-    assert (clone / "pkg" / "new.py").read_text() == "y = 3\n"
+    git(clone, "apply", str(tmp_path / "code.diff"))
+    for name in ("pkg/a.py", "pkg/new.py", "pkg/blob.bin"):
+        assert (clone / name).read_bytes() == (repo / name).read_bytes(), name
     (repo / "pkg" / "new.py").write_text("y = 4\n")  # other changes: another version
-    assert code_state.code_version() != version
+    assert code_state.snapshot(exclude=repo / "this_run").version != snap.version
 
 
-def test_state_changes_compare_with_the_latest_recorded(monkeypatch):
-    monkeypatch.setattr(code_state, "code_version", lambda: "bbb")
-    monkeypatch.setattr(code_state, "environment", lambda: {"torch": "2.1", "numpy": "2.0"})
+def test_unreadable_changes_are_never_called_clean(repo, monkeypatch):
+    (repo / "pkg" / "a.py").write_text("x = 2\n")
+    real = code_state._git
+    monkeypatch.setattr(code_state, "_git", lambda *a: (_ for _ in ()).throw(OSError("x"))
+                        if a[0] == "diff" else real(*a))
+    assert code_state.snapshot().version.endswith("+dirty.unknown")
+
+
+def test_state_changes_compare_with_the_latest_recorded():
+    env = {"torch": "2.1", "numpy": "2.0"}
     record = {"dualmem_version": "aaa", "environment": {"torch": "2.0", "numpy": "2.0"},
               "history": [{"changes": [{"key": "environment.torch", "old": "2.0",
                                         "new": "2.1"}]}]}
-    assert code_state.state_changes(record) == [("dualmem_version", "aaa", "bbb")]
+    assert code_state.state_changes(record, "bbb", env) == [("dualmem_version", "aaa", "bbb")]
     record["history"].append({"changes": [{"key": "dualmem_version", "old": "aaa",
                                            "new": "bbb"}]})
-    assert code_state.state_changes(record) == []
-    assert code_state.state_changes({}) == []  # a record from before versions were kept
+    assert code_state.state_changes(record, "bbb", env) == []
+    assert code_state.state_changes({}, "bbb", env) == []  # from before versions were kept
+
+
+def test_environment_is_plain_strings():
+    env = code_state.environment()
+    assert env["torch"] == str(torch.__version__) and type(env["torch"]) is str
+    assert all(v is None or type(v) is str for v in env.values())
 
 
 @pytest.mark.slow
@@ -86,8 +107,8 @@ def test_run_keeps_its_diff_and_a_resume_under_other_code_is_in_the_protocol(tmp
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     work = tmp_path / "run"
-    monkeypatch.setattr(code_state, "code_version", lambda: "aaa1111+dirty.0123abcd")
-    monkeypatch.setattr(code_state, "code_diff", lambda: "diff --git a/x b/x\n")
+    monkeypatch.setattr(code_state, "snapshot", lambda exclude=None: code_state.Snapshot(
+        "aaa1111+dirty.0123abcd", b"diff --git a/x b/x\n"))
     argv = ["--work_dir", str(work), "--no_progress", "--device", "cpu"]
     assert train_val.main(["--config", str(path), *argv]) == 0
     record = json.loads((work / "run.json").read_text())
@@ -95,9 +116,12 @@ def test_run_keeps_its_diff_and_a_resume_under_other_code_is_in_the_protocol(tmp
     assert record["code_diff"] == "code.diff"
     assert (work / "code.diff").read_text() == "diff --git a/x b/x\n"
     assert record["environment"]["torch"] == torch.__version__
+    assert torch.load(work / "checkpoints" / "last.pth", weights_only=True)["run"][
+        "dualmem_version"] == "aaa1111+dirty.0123abcd"  # the record loads as plain data
 
     # resumed (extended to 2 epochs) under another commit and another torch
-    monkeypatch.setattr(code_state, "code_version", lambda: "bbb2222")
+    monkeypatch.setattr(code_state, "snapshot", lambda exclude=None: code_state.Snapshot(
+        "bbb2222"))
     real_env = code_state.environment
     monkeypatch.setattr(code_state, "environment", lambda: {**real_env(), "torch": "9.9"})
     assert train_val.main([*argv, "--resume", "--override", "--opts",
@@ -110,3 +134,8 @@ def test_run_keeps_its_diff_and_a_resume_under_other_code_is_in_the_protocol(tmp
     overrides = json.loads((work / "results.json").read_text())["protocol"]["overrides"]
     assert any(o.startswith("dualmem_version: 'aaa1111+dirty.0123abcd' -> 'bbb2222'")
                for o in overrides)
+    # an evaluation names the code that scored it
+    assert train_val.main([*argv, "--evaluate"]) == 0
+    out = sorted((work / "evaluations").iterdir())[-1]
+    assert json.loads((out / "results.json").read_text())["evaluated_with"] == {
+        "dualmem_version": "bbb2222", "code_diff": None}

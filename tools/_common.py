@@ -199,7 +199,7 @@ def new_record(tool, args, class_name=None, setting=None):
         "device": getattr(args, "device", None),
         "threads": getattr(args, "threads", None),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "dualmem_version": code_state.code_version(),
+        "dualmem_version": None,  # read by the Trainer when the run starts (main process)
         "environment": code_state.environment(),
         "history": [],
     }

@@ -100,6 +100,11 @@ def _run(args, device):
         if plan.changes:
             plan.record.setdefault("history", []).append(
                 history_entry("resume", plan.changes, sys.argv))
+        if plan.record.get("dualmem_version") is None:  # a new sweep: its code, once
+            from utils.code_state import snapshot
+
+            snap = snapshot(exclude=work_dir)
+            plan.record.update(dualmem_version=snap.version, code_diff=snap.save(work_dir))
         write_record(work_dir, plan.record)
         save_config(cfg, work_dir / "config.yaml")
     log = setup_logger(out_dir / "log.txt" if main else None, rank=du.rank())

@@ -125,16 +125,18 @@ class CheckpointMixin:
         if action == "start":
             rec.setdefault("setting", "single-class" if self.class_name else "unified")
             rec["class_name"] = self.class_name
-            if code_state.is_dirty(rec.get("dualmem_version")):
-                rec["code_diff"] = code_state.save_diff(self.work_dir)
+            snap = code_state.snapshot(exclude=self.work_dir)
+            rec["dualmem_version"] = snap.version
+            rec["code_diff"] = snap.save(self.work_dir)
         else:
             import sys
 
-            code = code_state.state_changes(rec)  # another commit or package versions
-            version = dict((k, new) for k, _, new in code).get("dualmem_version")
-            if code_state.is_dirty(version):
-                name = f"code-{version.split('+dirty.')[-1]}.diff"
-                rec.setdefault("code_diffs", []).append(code_state.save_diff(self.work_dir, name))
+            snap, env = code_state.snapshot(exclude=self.work_dir), code_state.environment()
+            rec.setdefault("environment", env)  # a record from before versions were kept
+            code = code_state.state_changes(rec, snap.version, env)  # other code or packages
+            if snap.dirty and any(k == "dualmem_version" for k, _, _ in code):
+                rec.setdefault("code_diffs", []).append(
+                    snap.save(self.work_dir, f"code-{snap.version.split('+dirty.')[-1]}.diff"))
             if self.changes or code:
                 rec["history"].append(history_entry(action, list(self.changes) + code,
                                                     sys.argv))

@@ -173,6 +173,12 @@ class EvaluationMixin:
             protocol["overrides"] = [f"{k}: {o!r} -> {n!r} (evaluation)" for k, o, n in differs]
         results = self.evaluate_now(protocol=protocol)
         results["checkpoint"] = str(Path(checkpoint).resolve())
+        if self.is_main:  # the code that scored it, beside the code that trained it
+            from utils.code_state import snapshot
+
+            snap = snapshot(exclude=self.work_dir)
+            results["evaluated_with"] = {"dualmem_version": snap.version,
+                                         "code_diff": snap.save(self.work_dir)}
         results["epoch"] = epoch
         self.thresholds["epoch"] = epoch
         self.report(results, title=f"checkpoint {checkpoint}")
