@@ -82,8 +82,9 @@ def _untracked_patches(exclude):
         parts.append(diff.stdout)
         total += size
     if left:
-        parts.append(("# untracked, not included (over %d files or %d bytes): %s\n"
-                      % (MAX_NEW_FILES, MAX_NEW_BYTES, ", ".join(left))).encode())
+        more = f" and {len(left) - 20} more" if len(left) > 20 else ""
+        parts.append(("# untracked, not included (over %d files or %d bytes): %s%s\n"
+                      % (MAX_NEW_FILES, MAX_NEW_BYTES, ", ".join(left[:20]), more)).encode())
     return parts
 
 
