@@ -9,13 +9,11 @@ recorded in the run's history.
 """
 import copy
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from utils import code_state  # noqa: E402
-from utils.code_state import code_version  # noqa: E402,F401  (tools.export uses it)
 from utils.errors import UserError  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -314,7 +314,7 @@ def sidecar_preprocessing(spec):
 
 
 def build_sidecar(fmt, output, checkpoint, cfg, state, spec, score_cfg, parity):
-    from tools._common import code_version
+    from utils.code_state import code_version
 
     h, w = spec.input_size
     meta = {
