@@ -268,6 +268,28 @@ def test_per_class_sweep_resumes_and_evaluates_from_its_folder(tmp_path):
     assert list(one["per_class"]) == ["disc"] and one["protocol"]["setting"] == "single-class"
 
 
+def test_per_class_resume_with_a_change_applies_it_to_every_class_and_keeps_their_history(
+        tmp_path, capsys):
+    cfg = write_cfg(tmp_path / "cfg.yaml", epochs=1)
+    work = tmp_path / "sweep"
+    assert main("train_per_class", ["--config", str(cfg), "--work_dir", str(work)]) == 0
+    assert main("train_per_class", ["--work_dir", str(work), "--resume"]) == 0
+    assert capsys.readouterr().out.count("kept finished results") == 2  # nothing to change
+    for epochs in (2, 3):  # finished classes are extended, not kept at the old length
+        assert main("train_per_class", ["--work_dir", str(work), "--resume", "--override",
+                                        "--opts", f"trainer.max_epoch={epochs}"]) == 0
+        res = json.loads((work / "results.json").read_text())
+        assert res["epoch"] == {"disc": epochs, "weave": epochs}
+        assert f"trainer.max_epoch: {epochs - 1} -> {epochs}" in " ".join(
+            res["protocol"]["overrides"])
+    for cls in ("disc", "weave"):
+        assert torch.load(work / cls / "checkpoints" / "last.pth",
+                          weights_only=True)["epoch"] == 3
+        history = json.loads((work / cls / "run.json").read_text())["history"]
+        assert [(c["old"], c["new"]) for h in history for c in h["changes"]
+                if c["key"] == "trainer.max_epoch"] == [(1, 2), (2, 3)]
+
+
 README_EVALUATE = re.compile(r"python (tools/\w+\.py) ([^\n#]*--(?:evaluate|resume)[^\n#]*)")
 
 

@@ -53,8 +53,14 @@ def combine(per_class_results, classes, seconds=None):
     return out
 
 
-def class_record(record, cls):
-    """A class's own run.json: it can be resumed or evaluated alone with train_val.py."""
+def class_record(record, cls, folder=None):
+    """A class's own run.json: it can be resumed or evaluated alone with train_val.py. A class
+    that has run already keeps its own record (its history, its code version)."""
+    from utils.run_record import read_record
+
+    own = read_record(folder) if folder is not None else None
+    if own is not None:
+        return own
     sub = dict(record, class_name=cls, setting="single-class", history=[])
     sub["part_of"] = "train_per_class"
     return sub
@@ -113,13 +119,13 @@ def _run(args, device):
     for i, cls in enumerate(classes, 1):
         sub = work_dir / cls
         done = sub / "results.json"
-        if args.resume and done.is_file():
+        if args.resume and done.is_file() and not plan.changes:  # changes apply to all
             results[cls] = json.loads(done.read_text(encoding="utf-8"))
             log.info(f"[{i}/{len(classes)}] {cls}: kept finished results from {done}")
             continue
         log.info(f"[{i}/{len(classes)}] {cls}")
         t0 = time.time()
-        record = class_record(plan.record, cls)
+        record = class_record(plan.record, cls, sub)
         if args.evaluate:
             trainer = Trainer(cfg, out_dir / cls, device, class_name=cls,
                               progress=not args.no_progress, record=record,
