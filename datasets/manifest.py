@@ -167,3 +167,91 @@ def build_mvtec_records(root, classes=None):
             raise UserError(f"class '{cls}' has no test images in {test_dir} (expected "
                              f"test/good and test/<defect> folders)")
     return train, test
+
+
+# ----------------------------------------------------------------------------- file identity
+ANY_CLASS = "*"  # a name recorded without its class (an older run): matches it in any class
+
+
+def root_folders(roots):
+    """The folders data roots stand for (an ADer ``meta.json`` root: its folder), longest
+    first so a root nested in another claims its own files."""
+    if not roots:
+        return []
+    roots = [roots] if isinstance(roots, (str, os.PathLike)) else list(roots)
+    folders = [str(Path(r).parent if str(r).endswith(".json") else Path(r)) for r in roots]
+    return sorted(folders, key=len, reverse=True)
+
+
+def relative_name(filename, roots=()):
+    """A file's name relative to the data root holding it: a manifest name as it is (already
+    relative to its root), an absolute one (several roots merged) relative to its root. The
+    same image keeps its name when the data moves to another folder."""
+    name = str(filename)
+    if os.path.isabs(name):
+        for folder in root_folders(roots):
+            path = Path(name)
+            if path.is_relative_to(folder):
+                return path.relative_to(folder).as_posix()
+    return Path(name).as_posix()
+
+
+def file_id(record, roots=()):
+    """(class, name relative to its data root): how the leak guard and the data fingerprint
+    identify an image, independent of where the data lies."""
+    return str(record["clsname"]), relative_name(record["filename"], roots)
+
+
+def group_ids(ids):
+    """``{class: [names]}`` (sorted): the JSON form of a set of file ids."""
+    out = {}
+    for cls, name in sorted(set(ids)):
+        out.setdefault(cls, []).append(name)
+    return out
+
+
+def ungroup_ids(grouped):
+    """The set of file ids of a ``group_ids`` mapping (None or {} give an empty set)."""
+    return {(cls, name) for cls, names in (grouped or {}).items() for name in names}
+
+
+def ids_matching(records, ids, roots=()):
+    """Names (relative to their roots) of the records whose id is in ``ids``; an id recorded
+    without a class (``ANY_CLASS``) matches its name in any class."""
+    anywhere = {name for cls, name in ids if cls == ANY_CLASS}
+    hits = []
+    for r in records:
+        cls, name = file_id(r, roots)
+        if (cls, name) in ids or name in anywhere:
+            hits.append(name)
+    return sorted(set(hits))
+
+
+def data_summary(train_records, test_records, image_dir=None, roots=(), skipped=None):
+    """Per class: training and test image counts, a fingerprint of the test files (names
+    relative to their roots and byte sizes, so a resized copy of the data or an added image
+    changes it, a moved folder does not) and the files ``dataset.on_bad_file: skip`` left out.
+
+    ``skipped``: {"train": records, "test": records} dropped by ``dataset.on_bad_file: skip``.
+    """
+    import hashlib
+
+    def size(name):
+        path = name if os.path.isabs(name) or not image_dir else os.path.join(image_dir, name)
+        try:
+            return os.path.getsize(path)
+        except OSError:
+            return -1  # unreadable here; still part of the list
+
+    out = {}
+    for cls in sorted({r["clsname"] for r in list(train_records) + list(test_records)}):
+        lines = sorted(f"{file_id(r, roots)[1]}\t{size(str(r['filename']))}"
+                       for r in test_records if r["clsname"] == cls)
+        digest = hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()[:12]
+        out[cls] = {"train": sum(r["clsname"] == cls for r in train_records),
+                    "test": len(lines), "test_files": digest,
+                    "skipped": [f"{split}: {file_id(r, roots)[1]}"
+                                for split in ("train", "test")
+                                for r in (skipped or {}).get(split) or []
+                                if r["clsname"] == cls]}
+    return out

@@ -7,10 +7,14 @@ removes them from the test set and, with ``join_training: true`` (default), appe
 training records as labelled anomalies. ``classes`` limits which classes give anomalies (DMAD's
 cross-class analysis); ``join_training: false`` only removes them, which evaluates an
 unsupervised model on exactly the semi-supervised run's test set.
+
+The files are recorded by their name relative to their data root (as in a single-root
+manifest), so the record holds no machine path and still names them after the data moved.
 """
 import zlib
 
 import numpy as np
+from datasets.manifest import relative_name
 from utils.errors import UserError
 
 
@@ -52,8 +56,9 @@ def split_seen_anomalies(test_records, num_per_class, seed=0, classes=None):
     return seen, remaining
 
 
-def apply_seen_anomalies(ds_cfg, train_records, test_records):
-    """``dataset.seen_anomalies`` applied: (train_records, test_records, protocol info or None)."""
+def apply_seen_anomalies(ds_cfg, train_records, test_records, roots=()):
+    """``dataset.seen_anomalies`` applied: (train_records, test_records, protocol info or None).
+    ``roots``: the data roots, to record the files relative to them."""
     cfg = dict(ds_cfg.get("seen_anomalies") or {})
     if not cfg or not int(cfg.get("num_per_class", 0)):
         return train_records, test_records, None
@@ -68,5 +73,5 @@ def apply_seen_anomalies(ds_cfg, train_records, test_records):
         train_records = list(train_records) + seen
     info = {"num_per_class": k, "seed": seed,
             "classes": None if classes is None else list(classes),
-            "join_training": join, "files": [r["filename"] for r in seen]}
+            "join_training": join, "files": [relative_name(r["filename"], roots) for r in seen]}
     return train_records, test_records, info

@@ -18,6 +18,69 @@ class NetBuildError(UserError):
     pass
 
 
+def _kwarg_specs():
+    """What a net kwarg of each of these names must hold, in every module that takes it.
+
+    The nested dicts list the keys their one consumer reads (``feature_jitter``:
+    ``add_feature_jitter`` in models/reconstructions/uniad.py; ``neighbor_mask``: ``Transformer``
+    in models/reconstructions/transformer.py; ``initializer``: ``initialize_from_cfg`` in
+    models/initializer.py), so a misspelled key there is refused instead of silently falling
+    back to the default. The sizes are those of the transformer family, which would otherwise
+    fail with a traceback once the model is built.
+    """
+    from utils.config_schema import Fraction, Int, ListOf, Num, OptionalT, Positive
+
+    return {
+        "feature_jitter": OptionalT({"scale": Num(ge=0), "prob": Fraction}),
+        "neighbor_mask": OptionalT({"neighbor_size": ListOf(Positive, length=2),
+                                    "mask": ListOf(bool, length=3)}),
+        "initializer": OptionalT((str, {"method": str, "std": Num(gt=0)})),
+        "hidden_dim": Positive, "nhead": Positive, "num_encoder_layers": Int(ge=0),
+        "num_decoder_layers": Positive, "dim_feedforward": Positive,
+        "dropout": Num(ge=0, lt=1),
+    }
+
+
+def net_kwarg_problems(net_cfg):
+    """``[(dotted key, message)]`` for net kwargs a module would misread: the declared nested
+    keys and ranges (:func:`_kwarg_specs`). Run by config validation, so the run stops before
+    any model, data or folder is made; an unknown kwarg name or a ``type`` that does not
+    resolve is left to the build (also before any folder), which names it."""
+    from utils.config_validation import check_spec
+
+    specs = _kwarg_specs()
+    problems = []
+    for index, entry in enumerate(net_cfg):
+        try:
+            factory = MODELS.get(entry.get("type"))
+        except (KeyError, UserError, ImportError):
+            continue
+        names, _ = _accepted(factory)
+        kwargs = entry.get("kwargs") or {}
+        for key, value in kwargs.items():  # an unknown name is refused by the build
+            if key in specs and key in names:
+                problems.extend(check_spec(value, specs[key], f"net.{index}.kwargs.{key}"))
+        if "nhead" in names and "hidden_dim" in names:
+            sizes = _with_defaults(factory, kwargs, ("hidden_dim", "nhead"))
+            if all(isinstance(v, int) and v > 0 for v in sizes):
+                if sizes[0] % sizes[1]:
+                    problems.append((f"net.{index}.kwargs.nhead",
+                                     f"'net.{index}.kwargs.nhead' {sizes[1]} does not divide "
+                                     f"hidden_dim {sizes[0]}"))
+    return problems
+
+
+def _with_defaults(factory, kwargs, keys):
+    params = inspect.signature(factory.__init__ if inspect.isclass(factory) else factory).parameters
+    return [kwargs.get(k, params[k].default) for k in keys]
+
+
+def _unknown_kwarg(key, names):
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown kwarg '{key}'{hint} (accepted: {', '.join(names)})"
+
+
 def _accepted(fn):
     target = fn.__init__ if inspect.isclass(fn) else fn
     params = inspect.signature(target).parameters
@@ -41,10 +104,8 @@ def build_module(entry, context, index):
     if not var_kw:
         for key in kwargs:
             if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise NetBuildError(f"net.{index} ('{name}', {type_name}): unknown kwarg "
-                                    f"'{key}'{hint} (accepted: {', '.join(names)})")
+                raise NetBuildError(f"net.{index} ('{name}', {type_name}): "
+                                    f"{_unknown_kwarg(key, names)}")
     try:
         return factory(**kwargs)
     except TypeError as exc:

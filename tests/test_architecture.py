@@ -44,6 +44,12 @@ def test_the_toy_head_of_models_readme_trains_and_evaluates_from_yaml(tmp_path, 
         "net": net}))
     run = tmp_path / "run"
     common = ["--no_progress", "--device", "cpu"]
+    # a config names code only by registry; the user's own module is trusted on the command
+    # line, and without that it is refused before it is imported
+    assert train_val.main(["--config", str(cfg), "--work_dir", str(tmp_path / "refused")]
+                          + common) == 2
+    assert "toy_pkg.toy" not in sys.modules and not (tmp_path / "refused").exists()
+    common += ["--plugins", "toy_pkg"]
     assert train_val.main(["--config", str(cfg), "--work_dir", str(run)] + common) == 0
     res = json.loads((run / "results.json").read_text())
     assert set(res["per_class"]) == {"disc", "weave"}

@@ -139,3 +139,58 @@ def test_run_keeps_its_diff_and_a_resume_under_other_code_is_in_the_protocol(tmp
     out = sorted((work / "evaluations").iterdir())[-1]
     assert json.loads((out / "results.json").read_text())["evaluated_with"] == {
         "dualmem_version": "bbb2222", "code_diff": None}
+
+
+def test_checkout_inside_a_monorepo_gives_paths_from_the_checkout(tmp_path, monkeypatch):
+    """The outer repository tracks the checkout as a folder: the patch must apply inside the
+    checkout (paths relative to it), not at the outer root (#25 item 15)."""
+    outer = tmp_path / "mono"
+    src = outer / "third_party" / "dualmem"
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg" / "a.py").write_text("x = 1\n")
+    (outer / "other.txt").write_text("outside\n")
+    git(outer, "init", "-q")
+    git(outer, "-c", "user.email=t@t", "-c", "user.name=t", "add", ".")
+    git(outer, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "one")
+    monkeypatch.setattr(code_state, "REPO_ROOT", src)
+    (src / "pkg" / "a.py").write_text("x = 2\n")
+    (src / "pkg" / "new.py").write_text("y = 3\n")
+    (outer / "other.txt").write_text("changed outside the checkout\n")
+    snap = code_state.snapshot()
+    diff = snap.diff.decode()
+    assert "a/pkg/a.py" in diff and "b/pkg/new.py" in diff and "other.txt" not in diff
+    assert "third_party" not in diff
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    (copy / "pkg" / "a.py").write_text("x = 1\n")
+    (copy / "pkg" / "new.py").unlink()
+    git(copy, "init", "-q")
+    subprocess.run(["git", "-C", str(copy), "apply", "-"], input=snap.diff, check=True)
+    assert (copy / "pkg" / "a.py").read_text() == "x = 2\n"
+    assert (copy / "pkg" / "new.py").read_text() == "y = 3\n"
+
+
+def test_checkout_untracked_inside_an_unrelated_repo_is_not_given_its_commit(tmp_path,
+                                                                             monkeypatch):
+    outer = tmp_path / "home"
+    outer.mkdir()
+    (outer / "dotfile").write_text("x\n")
+    git(outer, "init", "-q")
+    git(outer, "-c", "user.email=t@t", "-c", "user.name=t", "add", ".")
+    git(outer, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "one")
+    src = outer / "dualmem"
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg" / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(code_state, "REPO_ROOT", src)
+    assert code_state.snapshot().version == "unknown"
+
+
+def test_an_edit_past_the_untracked_caps_changes_the_version(repo, monkeypatch):
+    monkeypatch.setattr(code_state, "MAX_NEW_FILES", 2)
+    for i in range(4):
+        (repo / f"n{i}.py").write_text(f"v = {i}\n")
+    before = code_state.snapshot()
+    (repo / "n3.py").write_text("v = 9\n")  # same size: only the content differs
+    after = code_state.snapshot()
+    assert "n3.py" not in after.diff.decode().split("# untracked")[0]  # not in the patch
+    assert after.version != before.version

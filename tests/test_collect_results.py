@@ -120,15 +120,20 @@ def test_out_writes_markdown_csv_and_json_that_agree(tree, tmp_path, capsys):
     csv_rows = list(csv.DictReader(io.StringIO((tmp_path / "tables" / "cmp.csv").read_text())))
     md = md_rows((tmp_path / "tables" / "cmp.md").read_text())
     assert len(table["rows"]) == len(csv_rows) == len(md)
-    # several arguments: labels carry the argument; --per_class: classes then the mean
+    # several arguments: labels relative to the folder holding them all (no machine path);
+    # --per_class: classes then the mean
     labels = [(r["run"], r["class"]) for r in table["rows"]]
-    assert labels[:3] == [(f"{root}/sweep/lr=0.001", "a"), (f"{root}/sweep/lr=0.001", "b"),
-                          (f"{root}/sweep/lr=0.001", "mean")]
-    assert (f"{root}/per_class", "mean") in labels and (f"{root}/per_class/b", "b") in labels
-    assert (f"{root}/unified/evaluations/best-0101", "a") in labels
+    assert labels[:3] == [("sweep/lr=0.001", "a"), ("sweep/lr=0.001", "b"),
+                          ("sweep/lr=0.001", "mean")]
+    assert ("per_class", "mean") in labels and ("per_class/b", "b") in labels
+    assert ("unified/evaluations/best-0101", "a") in labels
+    # runs_dir and the files are seen from the output file's folder; outside a project the
+    # runs folder goes by its name
+    assert table["runs_dir"] == "exp"
+    assert table["rows"][0]["file"] == "exp/sweep/lr=0.001/results.json"
     for t, c, m in zip(table["rows"], csv_rows, md):
         assert t["run"] == c["run"] == m["run"] and t["class"] == c["class"] == m["class"]
-        label = t["run"][len(str(root)) + 1:]
+        label = t["run"]
         src = data[label]["mean"] if t["class"] == "mean" else data[label]["per_class"][t["class"]]
         for name in C.METRIC_ORDER:
             assert t[name] == src[name]
@@ -146,7 +151,7 @@ def test_run_folders_and_files_without_recursion(tree, capsys):
                         "--format", "csv"], capsys)
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert [r["run"] for r in rows] == [f"{root}/unified", f"{root}/per_class"]
+    assert [r["run"] for r in rows] == ["unified", "per_class"]
     assert rows[0]["setting"] == "unified" and rows[1]["setting"] == "per-class"
 
 
@@ -165,6 +170,8 @@ def test_same_protocol_everywhere_has_no_protocol_columns(tree, capsys):
     ('{"protocol": {}, "per_class": {}}', "missing mean"),
     ('{"protocol": {}, "per_class": {"a": {"image_auroc": "high"}}, "mean": {}}',
      "a.image_auroc = 'high' is not a number"),
+    ('{"protocol": {"data": {"a": 3}}, "per_class": {}, "mean": {}}',
+     "protocol.data must map each class to its counts"),
 ])
 def test_malformed_results_exit_2_naming_the_file(tree, capsys, content, message):
     root, _ = tree
@@ -215,7 +222,7 @@ def test_a_seen_anomaly_protocol_is_one_short_cell_and_whole_in_json(tmp_path, c
         write(tmp_path / f"k{k}", dict(BASE, seen_anomalies=seen), {"a": metrics(0.5)})
     code, out, err = run([tmp_path / "k1", tmp_path / "k20"], capsys)
     assert code == 0, err
-    cells = {r["run"].rsplit("/", 1)[1]: r["seen_anomalies"] for r in md_rows(out)}
+    cells = {r["run"]: r["seen_anomalies"] for r in md_rows(out)}
     assert cells["k1"] == ("classes=-, files=a/test/crack/000.png, join_training=True, "
                            "num_per_class=1, seed=0")
     assert cells["k20"].startswith("classes=-, files=20: a/test/crack/000.png,")

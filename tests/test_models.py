@@ -24,8 +24,20 @@ def test_registry_dotted_and_short_names_and_errors():
         reg.register(name="a")(float)
 
 
-def test_registry_imports_unregistered_dotted_paths():
-    assert MODELS.get("torch.nn.Identity") is nn.Identity
+def test_registry_imports_unregistered_dotted_paths_only_when_trusted():
+    """A config may not import code on its own say; ``--plugins torch`` (or
+    ``--trust_checkpoint``) lets the user allow it."""
+    from models.registry import UntrustedTypeError, everything_trusted, reset_trust, trust_plugins
+
+    with pytest.raises(UntrustedTypeError, match="--plugins torch"):
+        MODELS.get("torch.nn.Identity")
+    with everything_trusted():
+        assert MODELS.get("torch.nn.Identity") is nn.Identity
+    try:
+        trust_plugins(["torch.nn"])
+        assert MODELS.get("torch.nn.Identity") is nn.Identity
+    finally:
+        reset_trust()
 
 
 def brute_force_mask(h, w, hm, wm):

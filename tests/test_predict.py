@@ -203,3 +203,54 @@ def test_rebuilds_without_weight_download_and_needs_thresholds(trained, tmp_path
     assert ref == 0
     assert float(row["score"]) == float(read_csv(tmp_path / "r" / "predictions.csv")[0]["score"])
     assert row["normalized_score"] == ""  # no stored range to normalise with
+
+
+@pytest.mark.slow
+def test_reduced_precision_predict_and_api_equal_evaluate(tmp_path):
+    """bf16 autocast with a float16 feature cache: evaluation runs the backbone once in
+    float32 and the rest under autocast; predict.py and the API must run it the same way
+    (they ran the whole model under autocast: 5e-3 relative, verdicts flipped)."""
+    from utils.detector import load_detector
+
+    cfg = {
+        "_base_": str(ROOT / "configs" / "runtime.yaml"),
+        "random_seed": 3,
+        "dataset": {
+            "type": "synthetic",
+            "synthetic": {"root": str(tmp_path / "data"), "seed": 2, "classes": ["disc"],
+                          "image_size": 64, "num_train": 6, "num_test_good": 4,
+                          "num_test_defect": 2},
+            "input_size": [64, 64], "batch_size": 4, "workers": 0,
+        },
+        "trainer": {"max_epoch": 1, "val_freq_epoch": 1, "amp": "bf16",
+                    "feature_cache": True, "feature_cache_dtype": "float16",
+                    "optimizer": {"type": "AdamW", "kwargs": {"lr": 1e-3}}},
+        "net": tiny_net(),
+    }
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "run"
+    assert train_val.main(["--config", str(cfg_path), "--work_dir", str(work),
+                           "--no_progress", "--device", "cpu"]) == 0
+    ckpt = work / "checkpoints" / "last.pth"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["inference"]["prefix_modules"] == 2
+    assert state["inference"]["prefix_dtype"] == "float16"
+    assert train_val.main(["--work_dir", str(work), "--evaluate", "--no_progress",
+                           "--device", "cpu"]) == 0
+    evaluation = sorted((work / "evaluations").iterdir())[-1]
+    evaluated = {r["file"]: float(r["score"]) for r in read_csv(evaluation / "scores.csv")}
+    unlabelled_copy(tmp_path / "data", tmp_path / "in")
+    out = tmp_path / "out"
+    assert run_predict("--checkpoint", ckpt, "--input", tmp_path / "in", "--output", out,
+                       "--no_images") == 0
+    rows = read_csv(out / "predictions.csv")
+    assert len(rows) == len(evaluated) == 12
+    detector = load_detector(work)
+    for row in rows:
+        ref = evaluated[row["file"]]
+        assert float(row["score"]) == pytest.approx(ref, rel=1e-4, abs=1e-7), row["file"]
+        api = detector.predict(str(tmp_path / "in" / row["file"]), class_name="disc")
+        assert api.score == pytest.approx(ref, rel=1e-4, abs=1e-7)
+        t = state["thresholds"]["per_class"]["disc"]["image_threshold"]
+        assert api.is_anomalous == (ref >= t)

@@ -81,8 +81,23 @@ def launch(fn, args):
 def add_trust_arg(p):
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="open a checkpoint that holds more than tensors and plain data (an "
-                        "old or foreign file). Opening such a file can run code from it: only "
-                        "for files from a source you trust")
+                        "old or foreign file), and build any module type its config names. "
+                        "Opening such a file can run code from it: only for files from a "
+                        "source you trust")
+    p.add_argument("--plugins", nargs="+", default=[], metavar="MODULE",
+                   help="your own Python modules whose classes a config may name in net: "
+                        "(imported before the model is built; without this, a config builds "
+                        "only DualMem's registered modules)")
+
+
+def apply_trust_args(args):
+    """What code the person running the command trusts: named on the command line, never
+    taken from a file."""
+    from models.registry import reset_trust, trust_everything, trust_plugins
+
+    reset_trust()  # each command says for itself (tools may run in one process, as in tests)
+    trust_plugins(getattr(args, "plugins", None) or [])
+    trust_everything(bool(getattr(args, "trust_checkpoint", False)))
 
 
 def add_run_args(p):
@@ -205,8 +220,8 @@ def new_record(tool, args, class_name=None, setting=None):
 
 def plan_new_run(args, tool, classes=None, class_name=None, setting=None, work_dir=None):
     """A run that starts now: ``--config`` is required; the folder (not created yet) must not
-    already hold a run."""
-    from utils.run_record import RunRecordError, has_checkpoint
+    already hold a run, a per-class run or a sweep (its record or results would be replaced)."""
+    from utils.run_record import RECORD_NAME, RunRecordError, has_checkpoint
 
     if not getattr(args, "config", None):
         raise RunRecordError("--config is required to start a run (--resume/--evaluate "
@@ -217,8 +232,10 @@ def plan_new_run(args, tool, classes=None, class_name=None, setting=None, work_d
     # rank 0 names the folder (a timestamp), every rank uses that name
     work_dir = Path(du.broadcast_object(
         work_dir or args.work_dir or default_work_dir(args.config, False)))
-    if has_checkpoint(work_dir):
-        raise RunRecordError(f"{work_dir} already holds a run (checkpoints/); continue it with "
+    held = ["checkpoints/"] if has_checkpoint(work_dir) else [
+        n for n in (RECORD_NAME, "results.json", "sweep.json") if (work_dir / n).is_file()]
+    if held:
+        raise RunRecordError(f"{work_dir} already holds a run ({held[0]}); continue it with "
                              f"--work_dir {work_dir} --resume, or pass another --work_dir")
     return RunPlan(cfg, work_dir, new_record(tool, args, class_name, setting), existing=False)
 
@@ -262,7 +279,8 @@ def plan_existing_run(args, tool, action, classes=None, class_name=None, work_di
     """The run's own config and record, with the changes the flags ask for: refused (listing
     each key with its old and new value) unless ``--override``."""
     from utils.config import apply_overrides, validate_config
-    from utils.run_record import (RunRecordError, config_diff, format_changes, read_record)
+    from utils.run_record import (RunRecordError, check_not_shortened, config_diff,
+                                  format_changes, hand_edit, read_record)
 
     from utils import distributed as du
 
@@ -283,19 +301,31 @@ def plan_existing_run(args, tool, action, classes=None, class_name=None, work_di
         apply_data_args(requested, getattr(args, "data_root", None),
                         getattr(args, "data_type", None), classes)
         validate_config(requested, f"{work_dir / 'config.yaml'} with --opts")
-    changes = config_diff(stored, requested)
+    # a hand edit of config.yaml is a change like --opts: diffed against the recorded config
+    edited = hand_edit(work_dir, record)
+    changes = config_diff(edited[0] if edited else stored, requested)
+    by_hand = bool(edited and changes and not getattr(args, "config", None))
+    if by_hand:
+        changes.insert(0, ("config.yaml", f"sha256 {edited[1][:12]} (as recorded)",
+                           f"sha256 {edited[2][:12]} (edited by hand)"))
     if class_name is not None and class_name != record.get("class_name"):
         changes.append(("--class_name", record.get("class_name"), class_name))
+    if action == "--resume" and any(k == "trainer.max_epoch" for k, _, _ in changes):
+        check_not_shortened(work_dir, requested["trainer"]["max_epoch"],
+                            getattr(args, "trust_checkpoint", False))
     if changes and not getattr(args, "override", False):
         seen = [k for k, _, _ in changes if k.startswith("dataset.seen_anomalies")]
         files = (record.get("seen_anomalies") or {}).get("files") or []
         hint = (f"\nThe run trained on these test images (its seen anomalies): "
                 f"{', '.join(files[:5])}" if seen and files else "")
+        what, undo = ("changes to the run's config (its config.yaml was edited by hand since "
+                      "run.json recorded it)", "Undo the edit (and drop any such flags)") \
+            if by_hand else ("flags that change the run's config", "Drop those flags")
         raise RunRecordError(
-            f"{action} of {work_dir} with flags that change the run's config; refused, so "
+            f"{action} of {work_dir} with {what}; refused, so "
             f"that the run's numbers keep meaning what its record says. Changed:\n"
             f"{format_changes(changes)}\n"
-            f"Drop those flags to use the run as recorded, or add --override to accept the "
+            f"{undo} to use the run as recorded, or add --override to accept the "
             f"change (recorded in {work_dir / 'run.json'}){hint}")
     record = dict(record)
     if class_name is not None:
@@ -328,6 +358,7 @@ def run_main(run, args):
     from utils.engine import TrainingInterrupted
 
     try:
+        apply_trust_args(args)
         return run(args)
     except TrainingInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)

@@ -8,8 +8,17 @@ Every folder argument is searched recursively for ``results.json``: a run folder
 result and those of its ``evaluations/<x>/``, a per-class run (``tools/train_per_class.py``) its
 combined result and each class's, a sweep (``tools/sweep.py``) each cell's; ``--no_recurse``
 takes only the ``results.json`` directly in each folder. Each row is labelled with the file's
-folder relative to the argument (``.`` for the argument itself), prefixed by the argument when
-several are given.
+folder relative to the folder holding every argument (``runs_dir``; ``.`` for that folder).
+
+No absolute path is written: ``runs_dir`` is given relative to the output file's folder (the
+current folder without ``--out``) when both lie in one project (git work tree), else by its
+name; a row's ``file`` is its results.json seen from there. Absolute paths inside the protocol
+(an older run's seen-anomaly files, a data root in ``opts``) become their data root's name and
+the path below it, a path in the project becomes relative to the output, any other its name.
+
+The data each row was measured on (``protocol.data``: train and test image counts, a
+fingerprint of the test files, the skipped files) are columns of their own, per class or
+summed for the mean; runs on other data (another copy, an image added) differ there.
 
 Protocol keys whose values differ between the rows (a key missing from some rows counts as
 differing) become columns; the shared ones are printed once as the protocol line. Rows hold
@@ -27,6 +36,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -84,6 +94,11 @@ def load_results(path):
         if not isinstance(data[key], dict):
             raise InputError(f"{path}: malformed results: '{key}' must be an object, got "
                              f"{type(data[key]).__name__}")
+    summary = data["protocol"].get("data")
+    if summary is not None and not (isinstance(summary, dict) and all(
+            isinstance(v, dict) for v in summary.values())):
+        raise InputError(f"{path}: malformed results: protocol.data must map each class to "
+                         f"its counts, got {summary!r:.80}")
     for cls, values in list(data["per_class"].items()) + [("mean", data["mean"])]:
         if not isinstance(values, dict):
             raise InputError(f"{path}: malformed results: metrics of '{cls}' must be an object")
@@ -94,14 +109,65 @@ def load_results(path):
     return data
 
 
-def _label(arg, path, several):
-    if not Path(arg).is_dir():  # a results.json argument: its folder as given
-        return Path(arg).parent.as_posix()
-    rel = path.parent.relative_to(Path(arg)).as_posix()
-    if not several:
-        return rel
-    base = Path(arg).as_posix().rstrip("/")
-    return base if rel == "." else f"{base}/{rel}"
+def _project(folder):
+    """The git work tree holding ``folder``, else ``folder`` itself."""
+    folder = Path(folder).resolve()
+    for p in (folder, *folder.parents):
+        if (p / ".git").exists():
+            return p
+    return folder
+
+
+_ABS = re.compile(r"(?<![\w.~\\-])/[^\s'\",;()\[\]{}<>|]+")
+
+
+class Paths:
+    """How the table writes paths: ``runs_dir`` seen from the output's folder (relative when
+    both are in one project, else its name), rows relative to ``runs_dir``, absolute paths in
+    values by ``portable``."""
+
+    def __init__(self, out_dir, runs_dir, classes=()):
+        self.out_dir, self.runs_dir = Path(out_dir).resolve(), Path(runs_dir).resolve()
+        self.project = _project(self.out_dir)
+        self.classes = set(classes)
+        self.shown_runs_dir = self.portable(str(self.runs_dir), data=False)
+
+    def portable(self, path, data=True):
+        """An absolute path without the machine: a data file as its root's name and the path
+        below it (the root holds a folder named after a class), a path in the project relative
+        to the output's folder, any other path by its name."""
+        p = Path(path)
+        parts = p.parts
+        for i in range(len(parts) - 2, 1, -1) if data else ():
+            if parts[i] in self.classes:  # the class folder; its parent is the data root
+                return Path(*parts[i - 1:]).as_posix()
+        if p.is_relative_to(self.project):
+            return Path(os.path.relpath(p, self.out_dir)).as_posix()
+        return p.name or "."
+
+    def value(self, v):
+        """``v`` with every absolute path in it (strings, lists, objects) made portable."""
+        if isinstance(v, str):
+            return _ABS.sub(lambda m: self.portable(m.group(0)), v)
+        if isinstance(v, list):
+            return [self.value(x) for x in v]
+        if isinstance(v, dict):
+            return {k: self.value(x) for k, x in v.items()}
+        return v
+
+    def row(self, path):
+        """(label, file): the results.json's folder relative to ``runs_dir``, and the file seen
+        from the output (``runs_dir`` as shown, then the label)."""
+        rel = Path(os.path.relpath(Path(path).resolve().parent, self.runs_dir)).as_posix()
+        file = Path(self.shown_runs_dir, rel, Path(path).name).as_posix()
+        return rel, os.path.normpath(file).replace(os.sep, "/")
+
+
+def runs_folder(args_paths):
+    """The folder holding every argument (a results.json argument: its folder)."""
+    folders = [str(Path(a).resolve() if Path(a).is_dir() else Path(a).resolve().parent)
+               for a in args_paths]
+    return Path(os.path.commonpath(folders))
 
 
 def _show(v, short=False):
@@ -129,32 +195,56 @@ def _pct(v):
     return f"{100.0 * v:.2f}"
 
 
-def collect(args_paths, recurse=True, per_class=False):
-    """The table: {"protocol": shared keys, "varying": [keys], "metrics": [names],
-    "rows": [{"run", "file", "class", "protocol": {varying key: value}, metric: value...}]}."""
-    several = len(args_paths) > 1
+def collect(args_paths, recurse=True, per_class=False, out_dir="."):
+    """The table: {"runs_dir", "protocol": shared keys, "varying": [keys], "metrics": [names],
+    "data": whether rows carry data, "rows": [{"run", "file", "class", "protocol": {varying
+    key: value}, "data": {train, test, test_files, skipped} or None, metric: value...}]}.
+    ``out_dir``: where the table is written (paths are given relative to it)."""
+    from utils.results import class_data, data_total
+
     entries = []
     for arg in args_paths:
         for path in find_results(arg, recurse):
-            entries.append((_label(arg, path, several), path, load_results(path)))
-    keys = list(dict.fromkeys(k for _, _, d in entries for k in d["protocol"]))
+            entries.append((path, load_results(path)))
+    classes = {c for _, d in entries for c in d["protocol"].get("classes") or []}
+    classes |= {c for _, d in entries for c in d["per_class"]}
+    paths = Paths(out_dir, runs_folder(args_paths), classes)
+    keys = list(dict.fromkeys(k for _, d in entries for k in d["protocol"]))
     varying = [k for k in keys
                if len({json.dumps(d["protocol"].get(k, None), sort_keys=True)
-                       if k in d["protocol"] else "<missing>" for _, _, d in entries}) > 1]
-    shared = {k: entries[0][2]["protocol"][k] for k in keys if k not in varying}
-    found = list(dict.fromkeys(m for _, _, d in entries
+                       if k in d["protocol"] else "<missing>" for _, d in entries}) > 1]
+    shared = {k: paths.value(entries[0][1]["protocol"][k]) for k in keys
+              if k not in varying and k != "data"}
+    found = list(dict.fromkeys(m for _, d in entries
                                for vals in [d["mean"], *d["per_class"].values()] for m in vals))
     metrics = [m for m in METRIC_ORDER if m in found] + [m for m in found
                                                           if m not in METRIC_ORDER]
     rows = []
-    for label, path, d in entries:
-        proto = {k: d["protocol"].get(k) for k in varying}  # None: the run lacks the key
+    for path, d in entries:
+        label, file = paths.row(path)
+        proto = {k: paths.value(d["protocol"].get(k)) for k in varying if k != "data"}
+        data = class_data(d["protocol"].get("data")) or None
         groups = ([(c, v) for c, v in d["per_class"].items()] if per_class else [])
         groups.append(("mean", d["mean"]))
         for cls, values in groups:
-            rows.append({"run": label, "file": str(path), "class": cls, "protocol": proto,
-                         **{m: values.get(m) for m in metrics}})
-    return {"protocol": shared, "varying": varying, "metrics": metrics, "rows": rows}
+            cell = (data_total(data) if cls == "mean" else data.get(cls)) if data else None
+            rows.append({"run": label, "file": file, "class": cls, "protocol": proto,
+                         "data": paths.value(cell), **{m: values.get(m) for m in metrics}})
+    return {"runs_dir": paths.shown_runs_dir, "protocol": shared, "varying": varying,
+            "metrics": metrics, "data": any(r["data"] for r in rows), "rows": rows}
+
+
+DATA_COLUMNS = ("train", "test", "test_files", "skipped")
+
+
+def _data_cells(data, csv_form=False):
+    """The data columns of a row: counts, fingerprint, the skipped files (markdown: their
+    number, listed under the table; CSV: the names, ``;``-separated)."""
+    if not data:
+        return ["" if csv_form else "-"] * len(DATA_COLUMNS)
+    skipped = data.get("skipped") or []
+    return [str(data.get("train")), str(data.get("test")), str(data.get("test_files")),
+            ";".join(skipped) if csv_form else str(len(skipped))]
 
 
 def to_markdown(table, per_class=False):
@@ -162,31 +252,47 @@ def to_markdown(table, per_class=False):
 
     from utils.results import protocol_line
 
-    headers = ["run"] + (["class"] if per_class else []) + table["varying"] + table["metrics"]
-    body = []
+    columns = [k for k in table["varying"] if k != "data"]
+    data = table.get("data")
+    headers = ["run"] + (["class"] if per_class else []) + columns + \
+        (list(DATA_COLUMNS) if data else []) + table["metrics"]
+    body, skipped = [], []
     for r in table["rows"]:
         body.append([r["run"]] + ([r["class"]] if per_class else []) +
-                    [_show(r["protocol"][k], short=True) for k in table["varying"]] +
+                    [_show(r["protocol"][k], short=True) for k in columns] +
+                    (_data_cells(r["data"]) if data else []) +
                     [_pct(r[m]) for m in table["metrics"]])
+        if r["class"] == "mean" and r["data"]:
+            skipped += [f"- {r['run']}: {f}" for f in r["data"].get("skipped") or []]
     shared = dict(table["protocol"])
     line = protocol_line(shared) if shared else "protocol: nothing shared; metrics in %"
     differs = (f"differs between runs: {', '.join(table['varying'])}" if table["varying"]
                else "every run has the same protocol")
     what = "per class and mean over classes" if per_class else "mean over classes"
     n_runs = len(dict.fromkeys(r["file"] for r in table["rows"]))
-    return "\n".join([f"# Results of {n_runs} run(s)", "", line, "", f"{differs}; {what}", "",
-                      tabulate(body, headers=headers, tablefmt="github",
-                               disable_numparse=True), ""])
+    notes = [f"runs under: {table['runs_dir']}"]
+    if data:
+        notes.append("train / test: images per class (summed for the mean); test_files: a "
+                     "fingerprint of the test images' names and sizes; skipped: files left "
+                     "out by dataset.on_bad_file: skip")
+    text = [f"# Results of {n_runs} run(s)", "", line, "", f"{differs}; {what}", "",
+            *notes, "", tabulate(body, headers=headers, tablefmt="github",
+                                 disable_numparse=True), ""]
+    if skipped:
+        text += ["Skipped files:", "", *skipped, ""]
+    return "\n".join(text)
 
 
 def to_csv(table):
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["run", "class", *table["varying"], *table["metrics"], "file"])
+    columns = [k for k in table["varying"] if k != "data"]
+    data = list(DATA_COLUMNS) if table.get("data") else []
+    w.writerow(["run", "class", *columns, *data, *table["metrics"], "file"])
     for r in table["rows"]:
         w.writerow([r["run"], r["class"]] +
                    ["" if r["protocol"][k] is None else _show(r["protocol"][k])
-                    for k in table["varying"]] +
+                    for k in columns] + (_data_cells(r["data"], csv_form=True) if data else []) +
                    ["" if r[m] is None else repr(float(r[m])) for m in table["metrics"]] +
                    [r["file"]])
     return buf.getvalue()
@@ -215,7 +321,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        table = collect(args.paths, recurse=not args.no_recurse, per_class=args.per_class)
+        out_dir = Path(args.out).parent if args.out else Path.cwd()
+        table = collect(args.paths, recurse=not args.no_recurse, per_class=args.per_class,
+                        out_dir=out_dir)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -315,6 +315,7 @@ def sidecar_preprocessing(spec):
 
 def build_sidecar(fmt, output, checkpoint, cfg, state, spec, score_cfg, parity):
     from utils.code_state import code_version
+    from utils.inference import describe, settings_of
 
     h, w = spec.input_size
     meta = {
@@ -332,6 +333,9 @@ def build_sidecar(fmt, output, checkpoint, cfg, state, spec, score_cfg, parity):
                         "from_map": "utils.metrics.image_score_from_map(anomaly_map, "
                                     "reduction, kernel, topk)"},
         "thresholds": jsonable(state.get("thresholds")),
+        # the graph computes in float32; the thresholds come from an evaluation that ran as
+        # 'evaluated' says (bf16/fp16 autocast or a float16 feature cache differ slightly)
+        "precision": {"graph": "float32", "evaluated": describe(settings_of(state, cfg))},
         "classes": list(state.get("classes") or []),
         "methods": [e.get("type") for e in cfg["net"]],
         "checkpoint": str(checkpoint),

@@ -105,7 +105,7 @@ def predict(args):
     from datasets.image_io import ImageReadError, read_image
     from utils.evaluator import evaluator_settings, normalized_score
     from utils.metrics import image_score_from_map
-    from utils.engine import amp_dtype_for
+    from utils.inference import anomaly_maps, settings_of
     from utils.visualize import annotated_overlay, vis_settings, write_png
 
     device = apply_device_args(args)
@@ -132,7 +132,7 @@ def predict(args):
     # mean/std as trained; utils.detector.preprocess is the dataset's own conversion
     spec = InputSpec.from_checkpoint(cfg, state)
     color_mode = spec.color_mode
-    amp_dtype = amp_dtype_for((cfg.get("trainer") or {}).get("amp", False), device)
+    inference = settings_of(state, cfg)
     batch_size = args.batch_size or int(ds.get("test_batch_size") or ds.get("batch_size", 8))
     if batch_size < 1:
         raise SystemExit(f"error: --batch_size must be >= 1, got {batch_size}")
@@ -143,11 +143,8 @@ def predict(args):
     rows = []
 
     def flush(batch):
-        x = torch.stack([b["tensor"] for b in batch]).to(device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype,
-                                             enabled=amp_dtype is not None):
-            pred = model({"image": x})["pred"]
-        maps = pred[:, 0].float().cpu().numpy()
+        x = torch.stack([b["tensor"] for b in batch])
+        maps = anomaly_maps(model, x, inference, device)  # as --evaluate ran it
         scores = image_score_from_map(maps, **score_cfg)
         for b, amap, score in zip(batch, maps, scores):
             row = b["row"]

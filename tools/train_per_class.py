@@ -40,11 +40,23 @@ def parse_args(argv=None):
 
 
 def combine(per_class_results, classes, seconds=None):
-    """One results dict (the Trainer's format) from the per-class runs."""
+    """One results dict (the Trainer's format) from the per-class runs. A protocol entry the
+    classes share is given once; one that differs (a class resumed alone to more epochs, with
+    an override) is given per class, never as the first class's."""
     from utils.metrics import summarize
 
     per_class = {c: per_class_results[c]["per_class"][c] for c in classes}
-    protocol = dict(per_class_results[classes[0]]["protocol"])
+    protocols = {c: per_class_results[c]["protocol"] for c in classes}
+    protocol = {}
+    for key in dict.fromkeys(k for p in protocols.values() for k in p):
+        values = {c: p[key] for c, p in protocols.items() if key in p}
+        first = next(iter(values.values()))
+        same = len(values) == len(classes) and all(v == first for v in values.values())
+        protocol[key] = first if same else values
+        if not same and all(isinstance(v, dict) and list(v) == [c] for c, v in values.items()):
+            protocol[key] = {c: v[c] for c, v in values.items()}  # already given by class
+        elif not same and key == "overrides":  # a list as in every protocol, class named
+            protocol[key] = [f"{c}: {o}" for c, v in values.items() for o in v]
     protocol.update(classes=list(classes), setting="per-class")
     out = {"protocol": protocol, "per_class": per_class, "mean": summarize(per_class),
            "epoch": {c: per_class_results[c].get("epoch") for c in classes}}
@@ -66,6 +78,39 @@ def class_record(record, cls, folder=None):
     return sub
 
 
+def class_config(plan, folder):
+    """The config a class runs under and the changes it undergoes. A class keeps its own
+    config (it may have been resumed alone, with an override) unless the sweep's config is
+    changed now; the change then applies to every class, each diffed against its own config
+    (a class trained to 3 epochs goes 3 -> 2, not the sweep's 1 -> 2)."""
+    from tools._common import load_run_config
+    from utils.run_record import config_diff
+
+    if not plan.existing or not (folder / "config.yaml").is_file():
+        return plan.cfg, []
+    own = load_run_config(folder)
+    return (plan.cfg, config_diff(own, plan.cfg)) if plan.changes else (own, [])
+
+
+def refuse_shortening(jobs, work_dir, trusted):
+    """Before anything trains: a run (``work_dir/<name>``, a class or a sweep's cell) already
+    trained past its new trainer.max_epoch cannot get there by resuming."""
+    from utils.checkpoint import load_checkpoint
+
+    longer = []
+    for name, (cfg, changes) in jobs.items():
+        last = work_dir / name / "checkpoints" / "last.pth"
+        if any(k == "trainer.max_epoch" for k, _, _ in changes) and last.is_file():
+            state = load_checkpoint(last, map_location="cpu", trusted=trusted)
+            trained = int(state["epoch"]) + (int(state.get("step") or 0) > 0)
+            if trained > int(cfg.trainer.max_epoch):
+                longer.append(f"{name} has trained {trained} epochs, trainer.max_epoch would "
+                              f"be {cfg.trainer.max_epoch}")
+    if longer:
+        raise UserError(f"resuming {work_dir} refused, nothing was changed: a resume cannot "
+                        f"train for fewer epochs than it has ({'; '.join(longer)})")
+
+
 def run(args):
     from tools._common import launch
 
@@ -80,7 +125,7 @@ def _run(args, device):
     from utils.config import save_config
     from utils.logger import setup_logger
     from utils.results import protocol_line, results_table, write_results
-    from utils.run_record import history_entry, write_record
+    from utils.run_record import history_entry, update_record
     from utils.engine import Trainer
 
     if args.evaluate or args.resume:
@@ -97,29 +142,31 @@ def _run(args, device):
         plan = plan_new_run(args, "train_per_class", classes=args.classes, setting="per-class")
         classes = dataset_classes(plan.cfg)  # checks the data before any folder exists
         plan.record["classes"] = classes
-    work_dir, cfg = plan.work_dir, plan.cfg
+    work_dir = plan.work_dir
+    jobs = {cls: class_config(plan, work_dir / cls) for cls in classes}
+    if args.resume:
+        refuse_shortening(jobs, work_dir, args.trust_checkpoint)
     out_dir = evaluation_dir(work_dir, "per-class") if args.evaluate else work_dir
     main = du.is_main()  # under torchrun rank 0 alone writes the sweep's own files
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
     if main and not args.evaluate:
-        if plan.changes:
-            plan.record.setdefault("history", []).append(
-                history_entry("resume", plan.changes, sys.argv))
+        entries = [history_entry("resume", plan.changes, sys.argv)] if plan.changes else []
         if plan.record.get("dualmem_version") is None:  # a new sweep: its code, once
             from utils.code_state import snapshot
 
             snap = snapshot(exclude=work_dir)
             plan.record.update(dualmem_version=snap.version, code_diff=snap.save(work_dir))
-        write_record(work_dir, plan.record)
-        save_config(cfg, work_dir / "config.yaml")
+        plan.record = update_record(work_dir, plan.record, entries)
+        save_config(plan.cfg, work_dir / "config.yaml")
     log = setup_logger(out_dir / "log.txt" if main else None, rank=du.rank())
     log.info(f"per-class sweep over {len(classes)} classes: {', '.join(classes)} -> {out_dir}")
     results, seconds = {}, {}
     for i, cls in enumerate(classes, 1):
         sub = work_dir / cls
         done = sub / "results.json"
-        if args.resume and done.is_file() and not plan.changes:  # changes apply to all
+        cfg, changes = jobs[cls]
+        if args.resume and done.is_file() and not changes:
             results[cls] = json.loads(done.read_text(encoding="utf-8"))
             log.info(f"[{i}/{len(classes)}] {cls}: kept finished results from {done}")
             continue
@@ -128,15 +175,18 @@ def _run(args, device):
         record = class_record(plan.record, cls, sub)
         if args.evaluate:
             trainer = Trainer(cfg, out_dir / cls, device, class_name=cls,
-                              progress=not args.no_progress, record=record,
-                              changes=plan.changes)
+                              progress=not args.no_progress, record=record, changes=changes)
             res = trainer.evaluate(sub / "checkpoints" / "last.pth", vis=args.vis,
                                    trusted=args.trust_checkpoint, allow_changes=args.override)
         else:
             trainer = Trainer(cfg, sub, device, class_name=cls, progress=not args.no_progress,
-                              record=record, changes=plan.changes)
+                              record=record, changes=changes)
             if args.resume and (sub / "checkpoints" / "last.pth").is_file():
-                trainer.resume(trusted=args.trust_checkpoint)
+                try:
+                    trainer.resume(trusted=args.trust_checkpoint)
+                except BaseException:
+                    trainer.close()
+                    raise
             res = trainer.fit()
         if res is None:
             raise UserError(f"class '{cls}' produced no evaluation (trainer.max_epoch 0?)")

@@ -86,6 +86,7 @@ def run_dir_of_checkpoint(checkpoint):
 
 def _run(args, device, tool, classes=None):
     from tools._common import evaluation_dir
+    from utils import distributed as du
     from utils.engine import Trainer
 
     p = plan(args, tool, classes)
@@ -104,21 +105,30 @@ def _run(args, device, tool, classes=None):
     trainer = Trainer(p.cfg, p.work_dir, device, class_name=class_name, progress=progress,
                       record=p.record, changes=p.changes)
     if args.resume:
-        trainer.resume(trusted=args.trust_checkpoint)
+        try:
+            trainer.resume(trusted=args.trust_checkpoint)
+        except BaseException:
+            trainer.close()  # a refused resume leaves the folder free
+            raise
     trainer.fit()
+    if p.record.get("sweep") and du.is_main():  # a sweep's cell: its table shows the new results
+        from tools.sweep import refresh_report
+
+        refresh_report(p.work_dir.resolve().parent)
     return 0
 
 
 def _record_evaluation(p, out):
-    """An evaluation under accepted changes is part of the run's history."""
+    """An evaluation under accepted changes is part of the run's history: appended to
+    ``run.json`` as it is on disk now, under its lock (another command may be recording its
+    own change to this run at the same time)."""
     from utils import distributed as du
-    from utils.run_record import history_entry, write_record
+    from utils.run_record import history_entry, update_record
 
-    if p.changes and du.rank() == 0:
+    if p.changes and du.is_main():
         entry = history_entry("evaluate", p.changes, sys.argv)
         entry["output"] = str(out)
-        p.record.setdefault("history", []).append(entry)
-        write_record(p.work_dir, p.record)
+        update_record(p.work_dir, entries=[entry])
 
 
 if __name__ == "__main__":

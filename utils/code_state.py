@@ -63,7 +63,7 @@ def _untracked_patches(exclude):
         raise OSError("git ls-files failed")
     names = [n for n in out.stdout.decode("utf-8", "surrogateescape").split("\0") if n]
     skip = [Path(exclude).resolve()] if exclude else []
-    parts, left, total = [], [], 0
+    parts, left, left_paths, total = [], [], [], 0
     for name in sorted(names):
         path = REPO_ROOT / name
         if any(p in path.resolve().parents for p in skip) or \
@@ -75,6 +75,7 @@ def _untracked_patches(exclude):
             continue
         if len(parts) >= MAX_NEW_FILES or total + size > MAX_NEW_BYTES:
             left.append(f"{name} ({size} bytes)")
+            left_paths.append(path)
             continue
         diff = _git("diff", "--no-index", *_DIFF_FLAGS, "--", "/dev/null", name)
         if diff.returncode not in (0, 1):  # 1: the files differ, as they do
@@ -85,7 +86,37 @@ def _untracked_patches(exclude):
         more = f" and {len(left) - 20} more" if len(left) > 20 else ""
         parts.append(("# untracked, not included (over %d files or %d bytes): %s%s\n"
                       % (MAX_NEW_FILES, MAX_NEW_BYTES, ", ".join(left[:20]), more)).encode())
+        # their content still decides the version: an edit past the caps is another version
+        parts.append(f"# content sha256 of the {len(left)} left out: "
+                     f"{_content_hash(left_paths)}\n".encode())
     return parts
+
+
+def _content_hash(paths):
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(str(path.relative_to(REPO_ROOT)).encode("utf-8", "surrogateescape") + b"\0")
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as exc:
+            h.update(f"unreadable: {exc.__class__.__name__}".encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _checkout_in_enclosing_repo():
+    """None when the checkout is its repository's root; 'tracked' when it is a folder of a
+    larger repository (a monorepo) that tracks it; 'untracked' when it merely sits inside an
+    unrelated repository."""
+    top = _git("rev-parse", "--show-toplevel")
+    if top.returncode != 0:
+        raise OSError("git rev-parse --show-toplevel failed")
+    if Path(top.stdout.decode().strip()).resolve() == Path(REPO_ROOT).resolve():
+        return None
+    listed = _git("ls-files", "-z", "--", ".")  # what it tracks in the checkout's folder
+    return "tracked" if listed.returncode == 0 and listed.stdout.strip() else "untracked"
 
 
 def snapshot(exclude=None):
@@ -96,10 +127,14 @@ def snapshot(exclude=None):
         if rev.returncode != 0:
             return Snapshot("unknown")
         head = rev.stdout.decode().strip()
+        nested = _checkout_in_enclosing_repo()
     except (OSError, subprocess.SubprocessError):
         return Snapshot("unknown")
+    if nested == "untracked":  # the enclosing repository's commit says nothing of this code
+        return Snapshot("unknown")
     try:
-        tracked = _git("diff", "HEAD", *_DIFF_FLAGS)
+        # --relative: paths from the checkout, so `git apply` in it puts files back in place
+        tracked = _git("diff", "HEAD", *_DIFF_FLAGS, *(("--relative",) if nested else ()))
         if tracked.returncode != 0:
             raise OSError("git diff HEAD failed")
         diff = b"".join([tracked.stdout, *_untracked_patches(exclude)])

@@ -266,10 +266,15 @@ def to_plain(obj):
 
 
 def save_config(cfg, path):
+    """Write ``cfg`` atomically; the sha256 of the bytes written (a run records it, so that a
+    later hand edit of its config.yaml is noticed)."""
+    import hashlib
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = yaml.dump(to_plain(cfg), Dumper=ConfigDumper, sort_keys=False,
+                     default_flow_style=None).encode("utf-8")
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.dump(to_plain(cfg), f, Dumper=ConfigDumper, sort_keys=False,
-                  default_flow_style=None)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()

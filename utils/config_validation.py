@@ -3,7 +3,7 @@ key and the file or ``--opts`` entry that set it."""
 import difflib
 import os
 
-from utils.config_schema import SCHEMA, Any, Choice, ListOf, Number, OptionalT, PathT
+from utils.config_schema import SCHEMA, Any, Bounded, Choice, ListOf, Number, OptionalT, PathT
 from utils.errors import UserError
 
 
@@ -43,6 +43,8 @@ def _type_name(spec):
         return "a number"
     if isinstance(spec, type):
         return spec.__name__
+    if isinstance(spec, dict):
+        return f"a mapping of {', '.join(k for k in spec if k != '*')}"
     return repr(spec)
 
 
@@ -77,6 +79,11 @@ def _check(value, spec, where, errors):
             return
         if spec.length is not None and len(value) != spec.length:
             errors.append((where, f"'{where}' must have {spec.length} elements, got {len(value)}"))
+        if isinstance(spec.item, (Bounded, type)):  # one line for the list, not one per item
+            if not all(_matches(item, spec.item) for item in value):
+                errors.append((where, f"'{where}': each element must be "
+                                      f"{_type_name(spec.item)}, got {value!r}"))
+            return
         for i, item in enumerate(value):
             _check(item, spec.item, f"{where}.{i}", errors)
         return
@@ -87,6 +94,11 @@ def _check(value, spec, where, errors):
             errors.append((where, f"'{where}' must be one of {list(spec.values)}, got "
                                   f"{value!r}{hint}"))
         return
+    if isinstance(spec, Bounded):
+        problem = spec.problem(value)
+        if problem:
+            errors.append((where, f"'{where}' {problem}"))
+        return
     if isinstance(spec, PathT):
         if not isinstance(value, str):
             errors.append((where, f"'{where}' must be a path string, got {type(value).__name__}"))
@@ -96,6 +108,11 @@ def _check(value, spec, where, errors):
     if spec is Number or not isinstance(spec, tuple):
         if not _matches(value, spec):
             errors.append((where, f"'{where}' must be {_type_name(spec)}, {got}"))
+        return
+    shaped = [s for s in spec if isinstance(s, dict)] if isinstance(value, dict) else \
+        [s for s in spec if isinstance(s, ListOf)] if isinstance(value, list) else []
+    if len(shaped) == 1:  # the one alternative of its shape: name the key inside it that fails
+        _check(value, shaped[0], where, errors)
         return
     if not any(_matches(value, s) for s in spec):
         names = " or ".join(_type_name(s) for s in spec)
@@ -114,6 +131,84 @@ def _matches(value, spec):
     return not errors
 
 
+def check_spec(value, spec, where):
+    """``[(dotted key, message)]``: how ``value`` at ``where`` breaks ``spec`` (a schema node),
+    for checks that live beside the code they protect (the net kwargs of models/)."""
+    errors = []
+    _check(value, spec, where, errors)
+    return errors
+
+
+# filled in by the engine's build_scheduler from the run's length when the config leaves it out
+SCHEDULER_DEFAULTS = {"CosineAnnealingLR": ("T_max",), "cosine": ("T_max",)}
+
+
+def optim_classes():
+    """``(optimizers, schedulers)``: the torch classes a config's ``trainer.optimizer`` and
+    ``trainer.lr_scheduler`` may name. The one table, here so that validation can check it
+    (torch imported only when asked); the engine builds from it."""
+    import torch
+
+    sched = torch.optim.lr_scheduler
+    return ({"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.optim.SGD},
+            {"StepLR": sched.StepLR, "MultiStepLR": sched.MultiStepLR,
+             "CosineAnnealingLR": sched.CosineAnnealingLR, "cosine": sched.CosineAnnealingLR})
+
+
+def _keywords(cls):
+    """(accepted, required) keyword names of a torch optimizer/scheduler, past its first
+    argument (the parameters or the optimizer, which the engine passes)."""
+    import inspect
+
+    params = [p for p in list(inspect.signature(cls.__init__).parameters.values())[2:]
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return [p.name for p in params], [p.name for p in params if p.default is p.empty]
+
+
+def _unknown(key, valid):
+    close = difflib.get_close_matches(str(key), list(valid), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def optim_problems(trainer_cfg):
+    """``[(dotted key, message)]`` for an optimizer or scheduler the run could not build: an
+    unknown type, a keyword its constructor does not take (``T_maxx``) or one it needs. Found
+    by validation, they stop a run before its folder exists instead of at epoch 0."""
+    problems = []
+    for section, table in zip(("optimizer", "lr_scheduler"), optim_classes()):
+        block = trainer_cfg.get(section)
+        if not isinstance(block, dict):
+            continue
+        where = f"trainer.{section}"
+        kind = block.get("type", "AdamW" if section == "optimizer" else None)
+        if kind not in table:
+            problems.append((f"{where}.type", f"'{where}.type' must be one of {list(table)}, "
+                                              f"got {kind!r}{_unknown(kind, table)}"))
+            continue
+        accepted, required = _keywords(table[kind])
+        kwargs = block.get("kwargs") or {}
+        problems += [(f"{where}.kwargs.{key}", f"unknown key '{where}.kwargs.{key}' for {kind}"
+                                               f"{_unknown(key, accepted)} (it takes: "
+                                               f"{', '.join(accepted)})")
+                     for key in kwargs if key not in accepted]
+        missing = [k for k in required if k not in kwargs and
+                   k not in SCHEDULER_DEFAULTS.get(kind, ())]
+        if missing:
+            problems.append((f"{where}.kwargs", f"'{where}.kwargs': {kind} needs "
+                                                f"{', '.join(missing)}"))
+    return problems
+
+
+def _code_checks(cfg, errors):
+    """What the schema cannot say alone: each optimizer/scheduler type's keywords and each net
+    module's kwargs, checked against the code that takes them, before any work starts. Once
+    the schema found a problem these are skipped (they assume well-formed sections)."""
+    from models.model_builder import net_kwarg_problems
+
+    errors.extend(optim_problems(cfg.get("trainer") or {}))
+    errors.extend(net_kwarg_problems(cfg.get("net") or []))
+
+
 def validate_config(cfg, source="config", origins=None):
     """Check ``cfg`` against the schema; raise :class:`ConfigError` listing every problem.
 
@@ -122,6 +217,8 @@ def validate_config(cfg, source="config", origins=None):
     """
     errors = []
     _check(cfg, SCHEMA, "", errors)
+    if not errors:
+        _code_checks(cfg, errors)
     names = set()
     net = cfg.get("net")
     for i, entry in enumerate(net if isinstance(net, list) else []):
@@ -146,5 +243,7 @@ def validate_config(cfg, source="config", origins=None):
         for where, message in errors:
             origin = origin_of(origins, where, source) if origins else source
             lines.append(f"{message} (from {origin})")
+        if len(lines) == 1:  # the one problem on the error line itself
+            raise ConfigError(f"invalid config {source}: {lines[0]}")
         raise ConfigError(f"invalid config {source}:\n  - " + "\n  - ".join(lines))
     return cfg

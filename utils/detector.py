@@ -78,20 +78,25 @@ def offline_net(net_cfg):
     return out
 
 
-def load_model(checkpoint, device, trusted=False):
-    """(model in eval mode, config, checkpoint state) from a checkpoint file."""
+def load_model(checkpoint, device, trusted=False, plugins=()):
+    """(model in eval mode, config, checkpoint state) from a checkpoint file. The stored
+    config builds only registered DualMem modules unless ``trusted`` or the module is one of
+    ``plugins`` (see :mod:`models.registry`)."""
     from easydict import EasyDict
 
     from models import ModelHelper
+    from models.registry import everything_trusted, trust_plugins
     from utils.checkpoint import CheckpointError, load_checkpoint
 
+    trust_plugins(plugins)
     state = load_checkpoint(checkpoint, map_location="cpu", trusted=trusted)
     if not isinstance(state.get("config"), dict) or "net" not in state["config"]:
         raise CheckpointError(f"checkpoint {checkpoint} carries no config (state['config']); "
                               f"it was not written by DualMem's Trainer")
     cfg = EasyDict(state["config"])
-    model = ModelHelper(offline_net(cfg.net), input_size=cfg.dataset.input_size,
-                        frozen_layers=cfg.get("frozen_layers"))
+    with everything_trusted(trusted):
+        model = ModelHelper(offline_net(cfg.net), input_size=cfg.dataset.input_size,
+                            frozen_layers=cfg.get("frozen_layers"))
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {checkpoint} does not fit the model its config "
@@ -243,6 +248,9 @@ class Detector:
         self.spec = InputSpec.from_checkpoint(cfg, state)
         self.score_cfg = dict(evaluator_settings(cfg)[1])
         self.threshold, self.pixel_threshold = threshold, pixel_threshold
+        from utils.inference import settings_of
+
+        self.inference = settings_of(state, cfg)  # how its evaluation ran the model
 
     def __repr__(self):
         return (f"Detector({self.checkpoint}, classes={self.classes}, "
@@ -258,17 +266,12 @@ class Detector:
             return class_name
         return self.classes[0] if len(self.classes) == 1 else None
 
-    @torch.no_grad()
     def anomaly_maps(self, batch):
-        """(N, 3, H, W) preprocessed -> (N, H, W) float32 maps, as ``tools/predict.py``
-        computes them (the config's ``trainer.amp`` included)."""
-        from utils.misc import amp_dtype_for
+        """(N, 3, H, W) preprocessed -> (N, H, W) float32 maps, as the run's evaluation
+        computed them (cached prefix, feature-cache dtype and ``trainer.amp`` included)."""
+        from utils.inference import anomaly_maps
 
-        amp = amp_dtype_for((self.cfg.get("trainer") or {}).get("amp", False), self.device)
-        x = batch.to(self.device)
-        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-            pred = self.model({"image": x})["pred"]
-        return pred[:, 0].float().cpu().numpy()
+        return anomaly_maps(self.model, batch, self.inference, self.device)
 
     def scores(self, maps):
         """Image scores from (N, H, W) maps by the run's rule (``evaluator.image_score``)."""
@@ -311,7 +314,7 @@ class Detector:
 
 
 def load_detector(run_or_checkpoint, checkpoint=None, device="cpu", trusted=False,
-                  threshold=None, pixel_threshold=None):
+                  threshold=None, pixel_threshold=None, plugins=()):
     """A :class:`Detector` from a run folder (``checkpoints/last.pth``, or ``checkpoint``:
     e.g. 'best.pth') or a checkpoint file. ``trusted`` opens a checkpoint that holds more
     than tensors and plain data (only for a source you trust)."""
@@ -319,7 +322,7 @@ def load_detector(run_or_checkpoint, checkpoint=None, device="cpu", trusted=Fals
 
     path = resolve_checkpoint(run_or_checkpoint, checkpoint)
     device = resolve_device(device)
-    model, cfg, state = load_model(path, device, trusted=trusted)
+    model, cfg, state = load_model(path, device, trusted=trusted, plugins=plugins)
     return Detector(model, cfg, state, device, checkpoint=path, threshold=threshold,
                     pixel_threshold=pixel_threshold)
 

@@ -62,7 +62,8 @@ def evaluator_settings(cfg):
 @torch.no_grad()
 def run_inference(model, loader, device, score_cfg, amp_dtype=None, progress=True,
                   desc="evaluate"):
-    """Anomaly maps (float16, to keep a VisA-size test set small), scores, labels, masks."""
+    """Anomaly maps, scores, labels, masks. Maps stay float32: float16 storage moved pixel AP
+    (80.94 vs 80.87 on bottle) by merging close scores into ties."""
     model.eval()
     out = {"filename": [], "clsname": [], "label": [], "score": [], "maps": [], "masks": [],
            "index": []}
@@ -74,7 +75,7 @@ def run_inference(model, loader, device, score_cfg, amp_dtype=None, progress=Tru
             pred = model(inputs)["pred"]
         pred = pred[:, 0].float().cpu().numpy()
         out["score"].append(image_score_from_map(pred, **score_cfg))
-        out["maps"].append(pred.astype(np.float16))
+        out["maps"].append(pred.astype(np.float32, copy=False))
         out["masks"].append((batch["mask"][:, 0].numpy() > 0.5).astype(np.uint8))
         out["label"].append(np.asarray(batch["label"]))
         out["filename"] += list(batch["filename"])

@@ -29,12 +29,66 @@ def _show(value):
     return value
 
 
+def class_data(data):
+    """``protocol["data"]`` as ``{class: summary}``; a per-class run's combined protocol holds
+    each class's own ``{class: summary}`` under its class (tools/train_per_class.py)."""
+    out = {}
+    for cls, d in (data or {}).items():
+        inner = d.get(cls) if isinstance(d, dict) else None
+        out[cls] = inner if isinstance(inner, dict) and "test" not in d else d
+    return out
+
+
+def data_total(data):
+    """The per-class data summary (``protocol["data"]``) over all classes: counts summed, one
+    fingerprint of the per-class ones, every skipped file (``class: split: name``)."""
+    import hashlib
+
+    data = class_data(data)
+    joined = "\n".join(f"{c}:{data[c].get('test_files')}" for c in sorted(data))
+    return {"train": sum(int(d.get("train") or 0) for d in data.values()),
+            "test": sum(int(d.get("test") or 0) for d in data.values()),
+            "test_files": hashlib.sha256(joined.encode("utf-8")).hexdigest()[:12],
+            "skipped": [f"{c}: {f}" for c in sorted(data) for f in data[c].get("skipped") or []]}
+
+
+def data_cell(d):
+    """``N train / M test images, test files <fingerprint>, K skipped``: one class's or the
+    total."""
+    return (f"{d.get('train')} train / {d.get('test')} test images, test files "
+            f"{d.get('test_files')}, {len(d.get('skipped') or [])} skipped")
+
+
+def data_section(protocol):
+    """results.md's table of the data, per class, and every skipped file by name."""
+    data = class_data(protocol.get("data"))
+    if not data:
+        return ""
+    total = data_total(data)
+    rows = [[c, d.get("train"), d.get("test"), d.get("test_files"), len(d.get("skipped") or [])]
+            for c, d in data.items()]
+    rows.append(["all", total["train"], total["test"], total["test_files"],
+                 len(total["skipped"])])
+    table = tabulate(rows, headers=["class", "train images", "test images",
+                                    "test files (fingerprint)", "skipped"],
+                     tablefmt="github", disable_numparse=True)
+    skipped = "".join(f"- {f}\n" for f in total["skipped"])
+    return ("Data (test files: a fingerprint of the test images' names relative to their data "
+            "root and byte sizes):\n\n" + table + "\n\n" +
+            (f"Left out by dataset.on_bad_file: skip (the reasons are in log.txt):\n\n"
+             f"{skipped}\n"
+             if skipped else ""))
+
+
 def protocol_line(protocol, departures=True):
-    """One line; ``departures=False`` leaves them for ``departure_lines``."""
+    """One line; ``departures=False`` leaves them for ``departure_lines``; the data as their
+    total (``data_section`` gives them per class)."""
     p = dict(protocol)
     classes = p.pop("classes", [])
     if not departures:
         p.pop("departures", None)
+    if p.get("data"):
+        p["data"] = f"({data_cell(data_total(p['data']))})"
     parts = [f"{k}={_show(v)}" for k, v in p.items()]
     return f"protocol: {', '.join(parts)}, classes={len(classes)}; metrics in %"
 
@@ -57,7 +111,7 @@ def _results_md(results):
     departures = (f"{departures_heading(protocol)}\n\n" + "\n".join(lines) +
                   "\n\n") if lines else ""
     return (f"# Results\n\n{protocol_line(protocol, departures=False)}\n\n{departures}"
-            f"{results_table(results)}\n")
+            f"{data_section(protocol)}{results_table(results)}\n")
 
 
 def write_results(results, work_dir):

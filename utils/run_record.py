@@ -41,6 +41,21 @@ def write_record(work_dir, record):
     os.replace(tmp, path)
 
 
+def update_record(work_dir, fields=None, entries=()):
+    """Read, change and write ``run.json`` under its lock: ``fields`` set keys, ``entries`` are
+    appended to the history as it is on disk now, so two commands on one run at once (two
+    ``--override`` evaluations, a resume beside one) never lose each other's entry. Returns
+    the record written."""
+    from utils.workdir_lock import record_lock
+
+    with record_lock(work_dir):
+        record = read_record(work_dir) or {}
+        record.update({k: v for k, v in (fields or {}).items() if k != "history"})
+        record["history"] = list(record.get("history") or []) + list(entries)
+        write_record(work_dir, record)
+    return record
+
+
 def flatten(tree, prefix=""):
     """``{'a': {'b': [1, {'c': 2}]}}`` -> ``{'a.b.0': 1, 'a.b.1.c': 2}``: one entry per leaf,
     list elements by index, so a difference names the key ``--opts`` would use."""
@@ -111,3 +126,54 @@ def newest_run(runs_dir):
     dated = [(t, p) for p in runs_dir.iterdir() if p.is_dir()
              for t in [run_mtime(p)] if t is not None]
     return max(dated)[1] if dated else None
+
+
+CONFIG_NAME = "config.yaml"
+
+
+def save_run_config(work_dir, cfg, record):
+    """Write the run's ``config.yaml`` and note in ``record`` (``run.json``, which the caller
+    writes next) the sha256 of its exact bytes and the config itself: a later hand edit of the
+    file is then told apart from the recorded config, and what it changed can be listed."""
+    from utils.config import save_config, to_plain
+
+    record["config_sha256"] = save_config(cfg, Path(work_dir) / CONFIG_NAME)
+    record["config"] = to_plain(cfg)
+
+
+def hand_edit(work_dir, record):
+    """``(recorded config, recorded sha256, sha256 now)`` when ``config.yaml`` no longer holds
+    the bytes ``run.json`` recorded (edited by hand since); None when it does, or for a run
+    recorded before the hash was kept (nothing to compare with)."""
+    import hashlib
+
+    recorded = record.get("config_sha256")
+    path = Path(work_dir) / CONFIG_NAME
+    if not recorded or not isinstance(record.get("config"), dict) or not path.is_file():
+        return None
+    now = hashlib.sha256(path.read_bytes()).hexdigest()
+    return None if now == recorded else (record["config"], recorded, now)
+
+
+def epochs_trained(work_dir, trusted=False):
+    """Epochs the run's ``checkpoints/last.pth`` has trained (a started epoch counts); None
+    without one. (A per-class sweep's classes are checked one by one by its tool.)"""
+    from utils.checkpoint import load_checkpoint
+
+    path = Path(work_dir) / "checkpoints" / "last.pth"
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path, map_location="cpu", trusted=trusted)
+    return int(state.get("epoch") or 0) + (int(state.get("step") or 0) > 0)
+
+
+def check_not_shortened(work_dir, max_epoch, trusted=False):
+    """A resume can only lengthen a run: a ``trainer.max_epoch`` below the epochs its
+    checkpoint has trained would train nothing and leave config.yaml claiming a length the
+    weights never had."""
+    trained = epochs_trained(work_dir, trusted)
+    if trained is not None and max_epoch < trained:
+        raise RunRecordError(f"--resume of {work_dir}: trainer.max_epoch {max_epoch} is below "
+                             f"the {trained} epochs its checkpoints/last.pth has trained; a "
+                             f"resume can only lengthen a run (to report an earlier epoch, "
+                             f"--evaluate its checkpoint)")

@@ -1,4 +1,5 @@
 """One run per work folder: an OS lock that dies with its process, so no stale-lock cleanup."""
+import contextlib
 import fcntl
 import os
 import socket
@@ -35,3 +36,17 @@ class WorkDirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+@contextlib.contextmanager
+def record_lock(work_dir):
+    """Held while ``run.json`` is read, changed and written. Separate from the run's own lock,
+    which a training holds throughout while an evaluation of the same run may record its
+    override; this one is held for a moment only, so waiting for it is fine."""
+    os.makedirs(str(work_dir), exist_ok=True)
+    fd = os.open(os.path.join(str(work_dir), ".record.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

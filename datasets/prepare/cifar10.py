@@ -73,14 +73,38 @@ def find_layout(root):
                        f"test/<class>/)")
 
 
+# What the official batches need to be rebuilt: numpy arrays (their reconstructor, class and
+# dtype). A pickle naming anything else could run code, so it is refused by name.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),  # how protocol 2 stores bytes when written by Python 3
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Admits only the official structure: dicts, lists, bytes/str and numpy arrays."""
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names '{module}.{name}', which a CIFAR-10 batch never "
+                                     f"holds (only numpy arrays, lists, dicts, bytes); refused "
+                                     f"without loading it")
+
+
 def _load_batch(path):
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = _BatchUnpickler(f, encoding="bytes").load()
     except FileNotFoundError:
         raise PrepareError(f"CIFAR-10 batch not found: {path}") from None
     except Exception as exc:  # unpickling raises many types on a corrupt file
         raise PrepareError(f"cannot read CIFAR-10 batch {path}: {exc}") from None
+    if not isinstance(d, dict):
+        raise PrepareError(f"{path}: not a CIFAR-10 batch (a pickled {type(d).__name__}, "
+                           f"expected a dict)")
     d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
     if "data" not in d or "labels" not in d:
         raise PrepareError(f"{path}: not a CIFAR-10 batch (keys {sorted(d)})")

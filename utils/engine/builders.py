@@ -2,10 +2,11 @@
 import torch
 
 from utils.config import to_plain
+from utils.config_validation import SCHEDULER_DEFAULTS, optim_classes
 from utils.misc import amp_dtype_for  # noqa: F401  (part of the engine's API)
 from utils.errors import UserError
 
-OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.optim.SGD}
+OPTIMIZERS, SCHEDULERS = optim_classes()
 
 
 def build_optimizer(params, cfg):
@@ -25,15 +26,15 @@ def build_scheduler(optimizer, cfg, max_epoch):
         return None
     kind = cfg.get("type")
     kwargs = dict(cfg.get("kwargs") or {})
-    if kind == "StepLR":
-        return torch.optim.lr_scheduler.StepLR(optimizer, **kwargs)
-    if kind in ("CosineAnnealingLR", "cosine"):
-        kwargs.setdefault("T_max", max_epoch)
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, **kwargs)
-    if kind == "MultiStepLR":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, **kwargs)
-    raise UserError(f"trainer.lr_scheduler.type must be StepLR, MultiStepLR or "
-                     f"CosineAnnealingLR, got '{kind}'")
+    if kind not in SCHEDULERS:
+        raise UserError(f"trainer.lr_scheduler.type must be StepLR, MultiStepLR or "
+                         f"CosineAnnealingLR, got '{kind}'")
+    for key in SCHEDULER_DEFAULTS.get(kind, ()):
+        kwargs.setdefault(key, max_epoch)
+    try:
+        return SCHEDULERS[kind](optimizer, **kwargs)
+    except TypeError as exc:
+        raise UserError(f"trainer.lr_scheduler ({kind}): {exc}") from None
 
 
 def schedule_changed(old_cfg, new_cfg):

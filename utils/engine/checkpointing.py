@@ -5,9 +5,12 @@ from pathlib import Path
 
 from utils import code_state
 from utils import distributed as du
+from utils.inference import inference_settings
 from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils.config import to_plain
+from datasets.manifest import group_ids
 from utils.engine.builders import build_scheduler, schedule_changed
+from utils.engine.evaluation import recorded_ids
 
 
 class CheckpointMixin:
@@ -18,8 +21,9 @@ class CheckpointMixin:
         an evaluation set holding any of them is refused."""
         return sorted({str(r["filename"]) for r in self.train_set.records})
 
-    def state_dict(self, epoch, step=0):
-        """``epoch`` finished epochs; ``step`` finished steps of the next one (interrupts).
+    def state_dict(self, epoch, step=0, pending=False):
+        """``epoch`` finished epochs; ``step`` finished steps of the next one (interrupts);
+        ``pending``: the evaluation after ``epoch`` has not finished (``--resume`` runs it).
         Plain data only (see utils/checkpoint.py): opening it never runs code."""
         return {
             "model": self.model.state_dict(),
@@ -28,6 +32,7 @@ class CheckpointMixin:
             "scaler": self.scaler.state_dict(),
             "epoch": epoch,
             "step": step,
+            "evaluation_pending": bool(pending),
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "best_results": self.best_results,
@@ -38,12 +43,19 @@ class CheckpointMixin:
             "config": to_plain(self.cfg),
             "run": self.record,
             "train_files": self.train_files(),
+            # every image fitted on or banked, all draws ({class: names relative to the root})
+            "trained_on": group_ids(self.trained_ids()),
+            "data": self.data_summary(),
             "pixel_mean": list(self.pixel_mean),
             "pixel_std": list(self.pixel_std),
             "classes": list(self.classes),
             # decision thresholds + normalisation of the latest evaluation (its "epoch" says
             # which); None before the first evaluation
             "thresholds": getattr(self, "thresholds", None),
+            # how evaluation ran the model (cached prefix, precisions): predict and the API
+            # run it the same way
+            "inference": inference_settings(
+                self.cfg, len(self.model.frozen_prefix) if self.use_cache else 0),
         }
 
     def load_state(self, state, resume=True):
@@ -53,10 +65,15 @@ class CheckpointMixin:
                                f"unexpected {unexpected[:5]}")
         if not resume:
             return
+        # what the weights already went through stays in the guard's set (a later draw of
+        # seen anomalies adds to it)
+        roots = ((state.get("config") or {}).get("dataset") or {}).get("data_root")
+        self.trained_before = recorded_ids(state, roots)
         if self.optimizer and state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = int(state["epoch"])
         self.start_step = int(state.get("step", 0))
+        self.pending_eval = self.start_epoch if state.get("evaluation_pending") else None
         if self.scheduler and state.get("scheduler"):
             if schedule_changed(state.get("config"), self.cfg):
                 self._rebuild_schedule(self.start_epoch)
@@ -101,27 +118,77 @@ class CheckpointMixin:
         path = Path(path or self.ckpt_dir / "last.pth")
         state = load_checkpoint(path, map_location=self.device, trusted=trusted)
         self.load_state(state, resume=True)
+        self.check_leakage(state, path, action="--resume")  # before anything is written
+        if self.start_epoch + (self.start_step > 0) > self.max_epoch:
+            from utils.errors import UserError
+
+            raise UserError(f"{path} holds {self.start_epoch} trained epochs"
+                            f"{f' and {self.start_step} steps' if self.start_step else ''} but "
+                            f"trainer.max_epoch is {self.max_epoch}: a resume cannot train "
+                            f"fewer epochs than it has (--evaluate scores the checkpoint)")
+        if self.start_epoch == self.max_epoch and self.pending_eval is None and (
+                self.changes or not (self.work_dir / "results.json").is_file()):
+            # finished training without results (a checkpoint from before the pending flag),
+            # or an accepted change to a finished run: its final evaluation runs (again)
+            self.pending_eval = self.max_epoch
         where = f" step {self.start_step}" if self.start_step else ""
         self.logger.info(f"resumed from {path} after epoch {self.start_epoch}{where}")
 
-    def save(self, epoch, name, step=0):
-        state = self.state_dict(epoch, step)  # every rank: it gathers RNG states
+    def save(self, epoch, name, step=0, pending=False):
+        state = self.state_dict(epoch, step, pending)  # every rank: it gathers RNG states
         if self.is_main:
             save_checkpoint(state, self.ckpt_dir / name)
         du.barrier()
 
+    def _evaluate_epoch(self, done):
+        """The evaluation after epoch ``done``. ``last.pth`` is written first, marked as
+        waiting for it, and again once it (and after the final epoch, the results) is done: a
+        stop during it loses neither the epoch nor the evaluation (``--resume`` runs it). The
+        best evaluation by ``evaluator.key_metric`` is kept beside the final one, labelled as
+        selected on the test set, and in ``best.pth`` for UniAD users."""
+        self.save(done, "last.pth", pending=True)
+        results = self.evaluate_now(epoch=done, step=done * self.steps_per_epoch - 1)
+        self.evaluations += 1
+        value = results["mean"].get(self.key_metric)
+        value = -math.inf if value is None else value
+        if self.best_epoch is None or value > self.best_metric:
+            self.best_metric, self.best_epoch = value, done
+            self.best_results = results
+            self.save(done, "best.pth")
+            self.logger.info(f"new best {self.key_metric} {value:.4f} at epoch {done}")
+        final = None
+        if done == self.max_epoch:
+            final = dict(results)
+            if self.evaluations > 1 and self.best_results is not None:
+                final["best_on_test_set"] = {
+                    "note": f"selected on the test set by {self.key_metric} among "
+                            f"{self.evaluations} evaluations; not the reported result",
+                    "epoch": self.best_epoch, "key_metric": self.key_metric,
+                    "per_class": self.best_results["per_class"],
+                    "mean": self.best_results["mean"]}
+            self.report(final, title=f"final epoch {done}")
+            self.write_pictures(final, self.work_dir, step=done * self.steps_per_epoch - 1)
+        self.save(done, "last.pth")
+        if self._stop_requested():  # arrived during the evaluation, which finished
+            self.interrupt(done, 0, evaluated=True)
+        return final
+
     def _write_record(self, action):
-        """``run.json``: the invocation, plus a history entry for accepted changes."""
+        """``run.json``: the invocation, plus a history entry for accepted changes, appended
+        to the history as it is on disk now (under its lock: an evaluation of this run may
+        add its own entry at the same time)."""
         if not self.is_main:
             return
-        from utils.run_record import history_entry, write_record
+        from utils.run_record import history_entry, update_record
 
         rec = self.record
         rec["classes"] = list(self.classes)
+        # the labelled anomalies of every draw so far: the leak guard's set, never reduced
+        rec["trained_on"] = group_ids(self.anomalies_trained_on())
         rec["seen_anomalies"] = getattr(self.train_set, "seen_anomalies", None) or {}
         rec["resolved_device"] = str(self.device)
         rec["world_size"] = self.world
-        rec.setdefault("history", [])
+        entries = []
         if action == "start":
             rec.setdefault("setting", "single-class" if self.class_name else "unified")
             rec["class_name"] = self.class_name
@@ -138,6 +205,5 @@ class CheckpointMixin:
                 rec.setdefault("code_diffs", []).append(
                     snap.save(self.work_dir, f"code-{snap.version.split('+dirty.')[-1]}.diff"))
             if self.changes or code:
-                rec["history"].append(history_entry(action, list(self.changes) + code,
-                                                    sys.argv))
-        write_record(self.work_dir, rec)
+                entries.append(history_entry(action, list(self.changes) + code, sys.argv))
+        self.record = update_record(self.work_dir, rec, entries)

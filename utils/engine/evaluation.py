@@ -2,6 +2,8 @@
 the leakage guard and the protocol of what it went through), and the result files."""
 from pathlib import Path
 
+from datasets.manifest import (ANY_CLASS, data_summary, file_id, ids_matching,
+                               relative_name, ungroup_ids)
 from utils import distributed as du
 from utils.checkpoint import load_checkpoint
 from utils.config import to_plain
@@ -47,8 +49,72 @@ def run_identity(record, cfg):
     return out
 
 
+def recorded_ids(held, roots=()):
+    """File ids a checkpoint or ``run.json`` says the weights were fitted on: its cumulative
+    ``trained_on``, plus, from older runs, ``train_files`` and the seen anomalies joined to
+    training (names without their class: ``ANY_CLASS``)."""
+    held = held or {}
+    ids = set(ungroup_ids(held.get("trained_on")))
+    seen = held.get("seen_anomalies") or {}
+    names = list(held.get("train_files") or []) + (
+        list(seen.get("files") or []) if seen.get("join_training", True) else [])
+    ids |= {(ANY_CLASS, relative_name(n, roots)) for n in names}
+    return ids
+
+
+def data_changes(before, now):
+    """One line per class whose counts or test files differ between the checkpoint's data
+    summary and this evaluation's (nothing when the checkpoint predates the summary)."""
+    if not before:
+        return []
+    out = []
+    for cls in sorted(set(before) | set(now)):
+        a, b = before.get(cls), now.get(cls)
+        if a is None or b is None:
+            out.append(f"{cls}: {'not in the checkpoint' if a is None else 'no longer present'}")
+            continue
+        parts = [f"{k} {a.get(k)} -> {b.get(k)}" for k in ("train", "test", "test_files")
+                 if a.get(k) != b.get(k)]
+        if parts:
+            out.append(f"{cls}: {', '.join(parts)}")
+    return out
+
+
 class EvaluationMixin:
     """The Trainer's evaluation side: ``evaluate_now``, ``evaluate``, ``protocol``, ``report``."""
+
+    @property
+    def data_roots(self):
+        from datasets.builder import data_roots
+
+        return data_roots(self.cfg)
+
+    def trained_ids(self):
+        """Every image these weights were ever fitted on or banked, over every draw of seen
+        anomalies this run went through (``trained_before``: read on ``--resume``); it only
+        grows. Saved in each checkpoint."""
+        now = {file_id(r, self.data_roots) for r in self.train_set.records}
+        return now | set(getattr(self, "trained_before", ()) or ())
+
+    def anomalies_trained_on(self):
+        """The labelled anomalies (seen anomalies of every draw) the run trained on or banked,
+        as ``run.json`` keeps them: the earlier record's plus this start's."""
+        roots = self.data_roots
+        anomalous = {file_id(r, roots) for r in self.train_set.records if int(r["label"]) == 1}
+        if "trained_on" in self.record:  # it holds every earlier draw already
+            return anomalous | ungroup_ids(self.record["trained_on"])
+        return anomalous | recorded_ids(self.record, roots)  # a record from before it
+
+    def data_summary(self):
+        """Per class: image counts, the test files' fingerprint, skipped files (computed once:
+        the data do not change while a Trainer lives)."""
+        if getattr(self, "_data_summary", None) is None:
+            skipped = {"train": getattr(self.train_set, "skipped", None),
+                       "test": getattr(self.test_set, "skipped", None)}
+            self._data_summary = data_summary(self.train_set.records, self.test_set.records,
+                                              getattr(self.test_set, "image_dir", None),
+                                              self.data_roots, skipped)
+        return self._data_summary
 
     def protocol(self, epochs_trained=None, reported=None):
         """What the figures mean, from what the weights actually went through."""
@@ -71,13 +137,17 @@ class EvaluationMixin:
             backbone.type.rsplit(".", 1)[-1],
             "method": self.cfg.net[-1].type.rsplit(".", 1)[-1],
         }
+        if not self.model.trainable_parameters():  # PatchCore: 'epochs' are evaluations only
+            protocol["training"] = "none: fitted in stage one (memory bank), no optimizer steps"
+        protocol["data"] = self.data_summary()  # which images, per class: counts, fingerprint
         protocol.update(run_identity(self.record, self.cfg))
         if self.max_epoch != epochs:
             protocol["epochs_planned"] = self.max_epoch
         seen = getattr(self.train_set, "seen_anomalies", None)
         if seen:  # semi-supervised: which test images became training anomalies
             protocol["seen_anomalies"] = seen
-        overrides = [h for h in self.record.get("history", []) if h.get("changes")]
+        overrides = [h for h in self.record.get("history", []) if h.get("changes") and
+                     h.get("action") != "evaluate"]  # an evaluation's changes were its own
         if overrides:  # accepted --override changes: the config differs from the one started
             protocol["overrides"] = [f"{c['key']}: {c['old']!r} -> {c['new']!r} "
                                      f"({h['action']} {h['time']})"
@@ -117,17 +187,27 @@ class EvaluationMixin:
                              results_table(results, fmt="simple"))
         return results
 
-    def check_leakage(self, state, checkpoint):
-        """Refuse to score images the weights were fitted on (seen anomalies, training files)."""
-        trained = set(state.get("train_files") or [])
-        leaked = sorted(str(r["filename"]) for r in self.test_set.records
-                        if str(r["filename"]) in trained)
-        if leaked:
-            raise UserError(
-                f"the evaluation set holds {len(leaked)} image(s) that checkpoint {checkpoint} "
-                f"was trained on, e.g. {', '.join(leaked[:5])}; scoring them would inflate the "
-                f"figures. Evaluate with the run's own config (its dataset.seen_anomalies "
-                f"removes them from the test set)")
+    def check_leakage(self, state, checkpoint, action="evaluation"):
+        """Refuse to score images the weights were fitted on or banked: the checkpoint's and the
+        run record's cumulative sets (every draw of seen anomalies), matched by class and name
+        relative to the data root, so a moved data folder or another draw cannot hide them."""
+        state_roots = ((state.get("config") or {}).get("dataset") or {}).get("data_root")
+        trained = (recorded_ids(state, state_roots) |
+                   recorded_ids(state.get("run"), self.data_roots) |
+                   recorded_ids(self.record, self.data_roots))
+        leaked = ids_matching(self.test_set.records, trained, self.data_roots)
+        if not leaked:
+            return
+        more = f" and {len(leaked) - 10} more" if len(leaked) > 10 else ""
+        hint = ("a --resume cannot change the seen anomalies of a run that has already trained "
+                "or banked others (they stay in its weights and memory banks): start a new run "
+                "for another draw" if action == "--resume" else
+                "evaluate with the run's own config (its dataset.seen_anomalies removes them "
+                "from the test set)")
+        raise UserError(
+            f"the {action} test set holds {len(leaked)} image(s) that checkpoint {checkpoint} "
+            f"was trained on or banked: {', '.join(leaked[:10])}{more}; scoring them would "
+            f"inflate the figures. Refused: {hint}")
 
     def evaluate(self, checkpoint, vis=False, trusted=False, allow_changes=False):
         """See ``_evaluate``; an evaluation refused before it ran leaves no folder behind."""
@@ -151,7 +231,8 @@ class EvaluationMixin:
         from utils.run_record import config_diff, format_changes
 
         state = load_checkpoint(checkpoint, map_location=self.device, trusted=trusted)
-        accepted = {c["key"] for h in self.record.get("history", []) for c in h["changes"]}
+        accepted = {c["key"] for h in self.record.get("history", [])
+                    if h.get("action") != "evaluate" for c in h["changes"]}
         differs = [d for d in config_diff(state.get("config") or {}, to_plain(self.cfg))
                    if d[0] not in accepted]  # changes the run's history already records
         if differs and not allow_changes:
@@ -170,7 +251,13 @@ class EvaluationMixin:
         if state.get("run", {}).get("seen_anomalies"):
             protocol["seen_anomalies"] = state["run"]["seen_anomalies"]
         if differs:
-            protocol["overrides"] = [f"{k}: {o!r} -> {n!r} (evaluation)" for k, o, n in differs]
+            protocol["overrides"] = protocol.get("overrides", []) + [
+                f"{k}: {o!r} -> {n!r} (evaluation)" for k, o, n in differs]
+        changed = data_changes(state.get("data"), protocol["data"])
+        if changed:  # e.g. images added to a test folder since training: said, not silent
+            protocol["data_changed"] = changed
+            self.logger.warning("the data differ from those the checkpoint was trained and "
+                                "evaluated with: " + "; ".join(changed))
         results = self.evaluate_now(protocol=protocol)
         results["checkpoint"] = str(Path(checkpoint).resolve())
         if self.is_main:  # the code that scored it, beside the code that trained it

@@ -19,14 +19,14 @@ from datasets.samplers import ResumableRandomSampler, ShardSampler
 from models import ModelHelper
 from models.losses import Criterion
 from utils import distributed as du
-from utils.config import save_config
+from utils.run_record import save_run_config
 from utils.config_defaults import apply_defaults
 from utils.engine.builders import build_optimizer, build_scheduler, wrap_training_net
 from utils.misc import amp_dtype_for, set_seed
 from utils.engine.checkpointing import CheckpointMixin
 from utils.engine.evaluation import EvaluationMixin
 from utils.engine.feature_cache import FeatureCacheMixin
-from utils.engine.stage_one import run_stage_one
+from utils.engine.stage_one import run_stage_one, stage_one_modules
 from utils.errors import NonFiniteLossError
 from utils.evaluator import evaluator_settings
 from utils.logger import attach_log_file, setup_logger
@@ -140,6 +140,7 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
         self.start_epoch = 0
         self.start_step = 0
         self._signal = None
+        self.pending_eval = None  # an epoch whose evaluation did not finish (see resume)
         self.bad_steps = 0
         self.best_metric = -math.inf
         self.best_epoch = None
@@ -183,9 +184,12 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
         for name, dataset in (("train", self.train_set), ("test", self.test_set)):
             source = getattr(dataset, "source", None) or f"the {name} manifest"
             if ds.validate:
+                before = dataset.records
                 dataset.records, _ = validate_records(
                     dataset.records, dataset.image_dir, source, color,
                     ds.on_bad_file, self.progress, self.logger)
+                kept = {id(r) for r in dataset.records}  # skipped files go to the protocol
+                dataset.skipped = [r for r in before if id(r) not in kept]
                 if not dataset.records:
                     raise UserError(f"no usable {name} images left in {source}")
         check_classes(self.train_set.records, self.test_set.records,
@@ -282,12 +286,21 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
                 self._signal = signal.SIGTERM
         return flag
 
-    def interrupt(self, epoch, step):
+    def interrupt(self, epoch, step, evaluated=False):
+        """``evaluated``: the stop came during the evaluation after epoch ``epoch``, which
+        finished (and ``last.pth`` holds it already)."""
         path = self.ckpt_dir / "last.pth"
-        self.save(epoch, "last.pth", step)
         name = signal.Signals(self._signal).name
-        raise TrainingInterrupted(self._signal, f"{name} at epoch {epoch + 1}, step {step}: "
-                                  f"checkpoint written to {path}; continue with --resume")
+        if not evaluated:
+            self.save(epoch, "last.pth", step)
+            raise TrainingInterrupted(self._signal, f"{name} at epoch {epoch + 1}, step {step}: "
+                                      f"checkpoint written to {path}; continue with --resume")
+        done = (f"; results written to {self.work_dir / 'results.json'} (a per-class run or "
+                f"sweep continues the rest with --resume or the same command)"
+                if epoch == self.max_epoch else
+                f", checkpoint written to {path}; continue with --resume")
+        raise TrainingInterrupted(self._signal, f"{name} during the evaluation after epoch "
+                                  f"{epoch}: it finished{done}")
 
     def _on_signal(self, signum, frame):
         if self._signal is not None:  # a second signal: stop now
@@ -297,12 +310,12 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
                             f"after this step (send again to stop at once)")
 
     def fit(self):
-        if self.optimizer is None:
+        if self.optimizer is None and not stage_one_modules(self.model):
             raise UserError("nothing to train: every module in net is frozen")
         if self.is_main:
             fresh = self.start_epoch == 0 and self.start_step == 0
+            save_run_config(self.work_dir, self.cfg, self.record)  # its hash goes in run.json
             self._write_record("start" if fresh and not self.changes else "resume")
-            save_config(self.cfg, self.work_dir / "config.yaml")
         log = self.logger
         log.info(f"work_dir: {self.work_dir}")
         log.info(f"device: {self.device}; train images: {len(self.train_set)}, test images: "
@@ -326,53 +339,41 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
             self.close()
 
     def _fit_epochs(self, t0):
-        """Returns the final epoch's results (what ADer and the papers report); the best
-        evaluation by ``evaluator.key_metric`` is kept beside it, labelled as selected on the
-        test set, and in ``best.pth`` for UniAD users."""
+        """Returns the final epoch's results (what ADer and the papers report)."""
         log = self.logger
         final = None
+        if self.pending_eval is not None:  # stopped during this evaluation: it runs first
+            log.info(f"the evaluation after epoch {self.pending_eval} did not finish: "
+                     f"running it now")
+            self.sampler.set_epoch(self.pending_eval - 1, 0)
+            self.steps_per_epoch = len(self.train_loader)
+            final = self._evaluate_epoch(self.pending_eval)
         for epoch in range(self.start_epoch, self.max_epoch):
             t_epoch = time.time()
             start = self.start_step if epoch == self.start_epoch else 0
-            loss = self.train_one_epoch(epoch, start)
-            if self.scheduler:
-                self.scheduler.step()
-            log.info(f"epoch {epoch + 1}/{self.max_epoch} loss {loss:.5f} "
-                     f"lr {self.optimizer.param_groups[0]['lr']:.2e} "
-                     f"({time.time() - t_epoch:.1f}s)")
             done = epoch + 1
+            if self.optimizer is None:  # training-free (PatchCore): stage one was the fit
+                self.steps_per_epoch = 1
+                log.info(f"epoch {done}/{self.max_epoch}: nothing to train (the net was fitted "
+                         f"in stage one)")
+            else:
+                loss = self.train_one_epoch(epoch, start)
+                if self.scheduler:
+                    self.scheduler.step()
+                log.info(f"epoch {done}/{self.max_epoch} loss {loss:.5f} "
+                         f"lr {self.optimizer.param_groups[0]['lr']:.2e} "
+                         f"({time.time() - t_epoch:.1f}s)")
             step = done * self.steps_per_epoch - 1  # train/* and val/* share one step axis
-            self.writer.add_scalar("train/epoch_loss", loss, step)
+            if self.optimizer is not None:
+                self.writer.add_scalar("train/epoch_loss", loss, step)
             if done % self.val_freq == 0 or done == self.max_epoch:
-                results = self.evaluate_now(epoch=done, step=step)
-                self.evaluations += 1
-                value = results["mean"].get(self.key_metric)
-                value = -math.inf if value is None else value
-                if self.best_epoch is None or value > self.best_metric:
-                    self.best_metric, self.best_epoch = value, done
-                    self.best_results = results
-                    self.save(done, "best.pth")
-                    log.info(f"new best {self.key_metric} {value:.4f} at epoch {done}")
-                if done == self.max_epoch:
-                    final = results
+                final = self._evaluate_epoch(done)
+                continue
             self.save(done, "last.pth")
-            if self._stop_requested():  # arrived during evaluation
+            if self._stop_requested():
                 self.interrupt(done, 0)
         log.info(f"training done in {time.time() - t0:.1f}s; best {self.key_metric} "
                  f"{self.best_metric:.4f} at epoch {self.best_epoch} (selected on the test set)")
-        if final is None:
-            return None
-        final = dict(final)
-        if self.evaluations > 1 and self.best_results is not None:
-            final["best_on_test_set"] = {
-                "note": f"selected on the test set by {self.key_metric} among "
-                        f"{self.evaluations} evaluations; not the reported result",
-                "epoch": self.best_epoch, "key_metric": self.key_metric,
-                "per_class": self.best_results["per_class"],
-                "mean": self.best_results["mean"]}
-        self.report(final, title=f"final epoch {final.get('epoch')}")
-        self.write_pictures(final, self.work_dir, step=final.get("epoch", 0) *
-                            self.steps_per_epoch - 1)
         return final
 
     def close(self):
