@@ -15,6 +15,7 @@ from utils.engine.stage_one import prefix_extractor, stage_one_data
 from models.heads.dmad import (DMAD, PatchBCELoss, PatchFocalLoss,
                                gaussian_blur)
 from models.heads.memory_bank import (StreamingCoreset, filter_patches, greedy_coreset, kmeans,
+                                      greedy_coreset_stepwise,
                                       knn, min_distance_per_group)
 
 
@@ -58,6 +59,28 @@ def test_greedy_coreset_matches_numpy_farthest_point():
         mind = np.minimum(mind, np.linalg.norm(a - a[j], axis=1))
     assert idx.tolist() == chosen
     assert radius == pytest.approx(mind.max(), rel=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_batched_greedy_picks_greedy_s_own_rows(batch):
+    """Several picks per pass over the rows, same selection: checked against the one-pick-
+    per-pass form and a float64 farthest-point search, on data with far-apart classes (the
+    unified case: one class may get most of the memories)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.randn(700, 12, generator=g) * 3 + 10,
+                   torch.randn(300, 12, generator=g) * 0.3]).double()
+    idx, radius = greedy_coreset(x, 90, proj_dim=None, start=11, batch=batch)
+    ref, ref_radius = greedy_coreset_stepwise(x, 90, proj_dim=None, start=11)
+    a = x.numpy()
+    chosen, mind = [11], np.linalg.norm(a - a[11], axis=1)
+    for _ in range(89):
+        j = int(np.argmax(mind))
+        chosen.append(j)
+        mind = np.minimum(mind, np.linalg.norm(a - a[j], axis=1))
+    assert sorted(idx.tolist()) == sorted(ref.tolist()) == sorted(chosen)
+    assert idx.tolist() == chosen  # in greedy's order too
+    assert radius == pytest.approx(mind.max(), rel=1e-4) and ref_radius == pytest.approx(radius)
+    assert (idx < 700).sum() > 60  # the wide class gets the memories, not a share by count
 
 
 def test_streaming_coreset_one_buffer_equals_one_shot_and_sizes_hold():
@@ -263,7 +286,7 @@ def test_head_shapes_and_gradients():
 def test_retrieval_memo_gives_the_same_step_and_searches_each_input_once(monkeypatch):
     """Fixed inputs (``cache_index``) keep their retrieval: the same logits and gradients as a
     fresh search, leave-one-image-out kept, and a second visit searches nothing."""
-    import models.heads.dmad as dmad_module
+    import models.heads.dmad_knowledge as dmad_module  # where retrieval lives
 
     head = _head_with_banks().train()
     feats = torch.randn(3, 6, 4, 4)

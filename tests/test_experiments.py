@@ -139,6 +139,16 @@ def test_configs_state_their_departures_truly(path):
         assert (f"noise std {noise:g}" in dep["head_and_loss"]) == (noise != 0.015), path
         assert f"{cfg.trainer.max_epoch} epochs" in dep["head_and_loss"]
         assert "centres" not in dep and "speed" not in dep and "image_score" not in dep
+    elif head.type.endswith("PatchCore"):
+        k, score = head.kwargs, cfg.evaluator.image_score
+        assert score.reduction == "max" and score.kernel == 1 and k.reweight
+        assert "reweighting x the maximum of the blurred map" in dep["image_score"]
+        if "coreset" in dep:
+            assert f"{k.coreset_ratio * 100:g} % on a {k.coreset_proj_dim}-d" in dep["coreset"]
+        else:
+            assert (k.coreset_ratio, k.coreset_proj_dim) == (0.1, 128), path  # the paper's
+        assert ("crop" in dep) == (cfg.dataset.input_size == [224, 224]), path
+        return
     elif cfg.net[0].type.endswith("efficientnet_lite0"):  # UniAD / DuMeNet, smaller
         assert f"{cfg.trainer.max_epoch} epochs" in dep["schedule"]
         assert f"{cfg.net[2].kwargs.num_encoder_layers} + {cfg.net[2].kwargs.num_decoder_layers}" \

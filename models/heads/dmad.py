@@ -53,13 +53,13 @@ import torch.nn.functional as F
 from models.heads.dmad_banks import (CENTER_SAMPLING, KIND_CENTRE, KIND_PSEUDO,  # noqa: F401
                                      KIND_REAL, KIND_SAMPLE, KIND_TEXTURE, NORMAL_SHARE,
                                      BankBuilding)
-from models.heads.memory_bank import (downsample_mask, knn, min_distance_per_group,
-                                      retrieval_excluder)
+from models.heads.dmad_knowledge import KNOWLEDGE_PARTS, KnowledgeRetrieval
+from models.heads.memory_bank import downsample_mask
 from models.losses import PatchBCELoss, PatchFocalLoss  # noqa: F401  (their old home)
 from models.registry import MODELS
 from utils.errors import UserError
 
-KNOWLEDGE_PARTS = ("distance", "residual", "attention")
+SCORE_MODES = ("head", "normal_plus_correction")
 BANK_BUFFERS = ("normal_bank", "normal_src", "normal_cls", "abnormal_bank", "abnormal_src",
                 "abnormal_cls", "abnormal_kind", "abnormal_group", "derived_links")
 # buffers a checkpoint from before leave-one-image-out lacks (loaded as "nothing derived")
@@ -83,7 +83,7 @@ def gaussian_blur(x, sigma, truncate=4.0):
 
 
 @MODELS.register(name="DMAD", path="models.heads")
-class DMAD(BankBuilding, nn.Module):
+class DMAD(KnowledgeRetrieval, BankBuilding, nn.Module):
     learns_from_anomalies = True  # labelled anomalies in the training set are meant for it
     map_activation = "sigmoid"  # the map is a probability; DMADReference maps raw scores
 
@@ -99,7 +99,7 @@ class DMAD(BankBuilding, nn.Module):
                  knowledge=KNOWLEDGE_PARTS, include_query=True, topk=5, temperature=1.0,
                  exclude_self=True, hidden=(256, 64), dropout=0.0, prior=0.01,
                  sigma=4.0, target="soft", query_chunk=4096, bank_chunk=16384,
-                 build_batch_size=None, seed=0):
+                 build_batch_size=None, seed=0, score="head", correction_bound=0.5):
         super().__init__()
         self._retrieval_memo = {}  # {bank: {cache position: (h*w, topk) int32}}, not state
         dim = int(list(inplanes)[0]) if isinstance(inplanes, (list, tuple)) else int(inplanes)
@@ -124,6 +124,10 @@ class DMAD(BankBuilding, nn.Module):
         if unknown:
             raise UserError(f"DMAD: outlier_textures: unknown key(s) {unknown} (valid: "
                             f"{list(OUTLIER_TEXTURE_KEYS)})")
+        if score not in SCORE_MODES:
+            raise UserError(f"DMAD: score must be one of {list(SCORE_MODES)}, got '{score}'")
+        if not float(correction_bound) > 0:
+            raise UserError(f"DMAD: correction_bound must be > 0, got {correction_bound}")
         if target not in ("soft", "hard"):
             raise UserError(f"DMAD: target must be 'soft' or 'hard', got '{target}'")
         for name, value in (("coreset_ratio", coreset_ratio),
@@ -168,6 +172,8 @@ class DMAD(BankBuilding, nn.Module):
         self.query_chunk, self.bank_chunk = int(query_chunk), int(bank_chunk)
         self.build_batch_size = build_batch_size
         self.seed = int(seed)
+        self.score = score
+        self.correction_bound = float(correction_bound)
         self.class_names = []
         self.build_info = {}
 
@@ -193,18 +199,34 @@ class DMAD(BankBuilding, nn.Module):
                 layers.append(nn.Dropout2d(float(dropout)))
             prev = int(h)
         last = nn.Conv2d(prev, 1, 1)
-        nn.init.constant_(last.bias, -math.log((1 - prior) / prior))  # start at p = prior
+        if self.score == "normal_plus_correction":
+            # the correction starts at 0: the first map ranks patches as the normal bank does
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            # logits = gain * (score - offset): a monotone map to the loss's probability
+            self.score_gain = nn.Parameter(torch.tensor(math.log(math.expm1(4.0))))
+            self.score_offset = nn.Parameter(torch.tensor(1.5))
+        else:
+            nn.init.constant_(last.bias, -math.log((1 - prior) / prior))  # start at p = prior
         layers.append(last)
         self.score_head = nn.Sequential(*layers)
 
-    # ------------------------------------------------------------------ sizes and state
-    def knowledge_dim(self):
-        d = self.dim if self.include_query else 0
-        d += 2 if "distance" in self.knowledge else 0
-        d += 2 * self.dim if "residual" in self.knowledge else 0
-        d += 2 * self.dim if "attention" in self.knowledge else 0
-        return d
+    def score_logits(self, z, parts):
+        """Patch logits (B, 1, h, w) from the knowledge ``z`` (B, K, h, w). ``head``: the score
+        head alone. ``normal_plus_correction`` (ours): the nearest-normal distance plus a
+        correction the head learns, at most ``correction_bound`` (in units of the mean normal
+        distance) either way, through a monotone gain and offset; the normal distance's
+        ranking (PatchCore's, on the same bank) can only be reordered where the abnormal
+        knowledge says so, and never by more than the bound."""
+        out = self.score_head(z)
+        if self.score == "head":
+            return out
+        b, _, h, w = z.shape
+        d_n = parts["normal_distance"].view(b, h, w, 1).permute(0, 3, 1, 2)
+        total = d_n + self.correction_bound * torch.tanh(out)
+        return F.softplus(self.score_gain) * (total - self.score_offset)
 
+    # ------------------------------------------------------------------ sizes and state
     def bank_nbytes(self):
         """Bytes held by the banks (features and their per-row ids)."""
         return sum(getattr(self, n).numel() * getattr(self, n).element_size()
@@ -270,86 +292,6 @@ class DMAD(BankBuilding, nn.Module):
         """Stage one: build both banks (:meth:`build_banks`); they live in the state dict."""
         return self.build_banks(data)
 
-    # ------------------------------------------------------------------ retrieval
-    def _nearest(self, q, bank, bank_src, row_src):
-        d, _ = knn(q, bank, 1, self.query_chunk, self.bank_chunk,
-                   retrieval_excluder(row_src, None, bank_src, None))
-        return d[:, 0]
-
-    def _route_classes(self, q, batch, hw):
-        """Per-image class ids by the class bank nearest on average (bank_per_class)."""
-        d = min_distance_per_group(q, self.normal_bank, self.normal_cls, len(self.class_names),
-                                   self.query_chunk, self.bank_chunk)
-        return d.view(batch, hw, -1).mean(1).argmin(1)
-
-    def _nearest_indices(self, q, bank, bank_src, bank_cls, row_src, row_cls, derived=()):
-        """(N, K) indices of each row's ``topk`` nearest allowed memories."""
-        k = min(self.topk, bank.shape[0])
-        d, idx = knn(q, bank, k, self.query_chunk, self.bank_chunk,
-                     retrieval_excluder(row_src, row_cls, bank_src, bank_cls, *derived))
-        lost = ~torch.isfinite(d).all(1)
-        if bool(lost.any()):  # every candidate excluded (e.g. a one-image class): no restriction
-            _, idx[lost] = knn(q[lost], bank, k, self.query_chunk, self.bank_chunk)
-        return idx
-
-    def _memo_indices(self, name, keys, q, bank, bank_src, bank_cls, row_src, row_cls, derived):
-        """:meth:`_nearest_indices` through the per-image memo: ``keys`` (B,) say which fixed
-        input each image is; only images not seen before are searched."""
-        store = self._retrieval_memo.setdefault(name, {})
-        hw = q.shape[0] // len(keys)
-        missing = [i for i, key in enumerate(keys) if key not in store]
-        if missing:
-            rows = (torch.tensor(missing, device=q.device).unsqueeze(1) * hw
-                    + torch.arange(hw, device=q.device)).reshape(-1)
-            found = self._nearest_indices(
-                q[rows], bank, bank_src, bank_cls, None if row_src is None else row_src[rows],
-                None if row_cls is None else row_cls[rows], derived)
-            for j, i in enumerate(missing):
-                store[keys[i]] = found[j * hw:(j + 1) * hw].to("cpu", torch.int32)
-        return torch.cat([store[key] for key in keys]).to(q.device, torch.long)
-
-    def _retrieve(self, q, bank, bank_src, bank_cls, row_src, row_cls, derived=(), name=None,
-                  keys=None):
-        """(distances (N, K), memories (N, K, C)) with gradients w.r.t. q. ``derived``:
-        (row groups, links) of memories derived from several images (see
-        ``memory_bank.retrieval_excluder``); ``keys``: per-image memo keys (see the module
-        docstring), None to search afresh."""
-        args = (bank, bank_src, bank_cls, row_src, row_cls, derived)
-        idx = self._memo_indices(name, keys, q.detach(), *args) if keys is not None \
-            else self._nearest_indices(q.detach(), *args)
-        mem = bank[idx].float()
-        diff = q.unsqueeze(1) - mem
-        dist = (diff.pow(2).sum(-1) + 1e-12).sqrt()
-        return dist, mem, diff[:, 0]
-
-    def knowledge_features(self, q, row_src=None, row_cls=None, keys=None):
-        """(N, C) patch features -> (N, knowledge_dim()) knowledge vectors. ``keys``: one memo
-        key per image (rows in image order), to reuse retrievals of fixed inputs."""
-        if self.normal_bank.shape[0] == 0 or self.abnormal_bank.shape[0] == 0:
-            raise RuntimeError("DMAD: the memory banks are empty; the engine builds them "
-                               "(fit) before training, or they come from a checkpoint")
-        q = q.float()
-        scale = self.dist_scale.float()
-        out = [q] if self.include_query else []
-        banks = (("normal", row_cls if self.bank_per_class else None), ("abnormal", None))
-        dists, resids, reads = [], [], []
-        for name, cls in banks:
-            derived = (self.abnormal_group, self.derived_links) if name == "abnormal" else ()
-            dist, mem, resid = self._retrieve(
-                q, getattr(self, f"{name}_bank"), getattr(self, f"{name}_src"),
-                getattr(self, f"{name}_cls"), row_src, cls, derived, name, keys)
-            dists.append(dist[:, :1] / scale)
-            resids.append(resid)
-            w = torch.softmax(-dist / (self.temperature * scale), dim=1)
-            reads.append((w.unsqueeze(-1) * mem).sum(1))
-        if "distance" in self.knowledge:
-            out += dists
-        if "residual" in self.knowledge:
-            out += resids
-        if "attention" in self.knowledge:
-            out += reads
-        return torch.cat(out, dim=1)
-
     # ------------------------------------------------------------------ forward
     def forward(self, input):
         x = input["feature_align"]
@@ -368,9 +310,9 @@ class DMAD(BankBuilding, nn.Module):
         keys = None
         if self.training and torch.is_tensor(input.get("cache_index")):
             keys = [int(k) for k in input["cache_index"].tolist()]
-        z = self.knowledge_features(q, row_src, row_cls, keys)
-        z = z.view(b, h, w, -1).permute(0, 3, 1, 2)
-        logits = self.score_head(z)
+        parts = self.knowledge_parts(q, row_src, row_cls, keys)
+        z = self.assemble_knowledge(q, parts).view(b, h, w, -1).permute(0, 3, 1, 2)
+        logits = self.score_logits(z, parts)
         out = {"patch_logits": logits, "pred": self.anomaly_map(logits)}
         mask = input.get("mask")
         if torch.is_tensor(mask):

@@ -1,0 +1,95 @@
+"""DMAD's own additions to the method (ours, #27): a score that is the nearest-normal distance
+plus a bounded learned correction, and the distance to the nearest memory made from a labelled
+anomaly as knowledge."""
+import pytest
+import torch
+
+from models.heads.dmad import DMAD
+from models.heads.dmad_banks import KIND_CENTRE, KIND_PSEUDO, KIND_REAL
+from models.heads.dmad_knowledge import REAL_DISTANCE_CAP
+
+
+def head_with_banks(kinds, dim=6, **kw):
+    head = DMAD([dim], [4], input_size=[16, 16], topk=3, hidden=[8], sigma=0.0, **kw)
+    g = torch.Generator().manual_seed(0)
+    head._set_bank("normal", torch.randn(20, dim, generator=g), torch.arange(20) % 5,
+                   torch.zeros(20, dtype=torch.long))
+    n = len(kinds)
+    head._set_bank("abnormal", 3 + torch.randn(n, dim, generator=g), torch.arange(n) + 100,
+                   torch.zeros(n, dtype=torch.long), torch.tensor(kinds))
+    head.dist_scale.fill_(2.0)
+    head.class_names = ["c"]
+    return head
+
+
+def test_correction_score_starts_as_the_normal_distance_ranking():
+    head = head_with_banks([KIND_PSEUDO] * 5, knowledge=["distance"],
+                           score="normal_plus_correction").eval()
+    x = torch.randn(2, 6, 4, 4)
+    out = head({"feature_align": x})
+    q = x.permute(0, 2, 3, 1).reshape(-1, 6)
+    d_n = torch.cdist(q, head.normal_bank).min(1).values
+    logits = out["patch_logits"].permute(0, 2, 3, 1).reshape(-1)
+    assert torch.equal(torch.argsort(logits), torch.argsort(d_n))  # same order, start
+    expected = torch.nn.functional.softplus(head.score_gain) * (d_n / 2.0 - head.score_offset)
+    torch.testing.assert_close(logits, expected.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_correction_is_bounded_whatever_the_head_learns():
+    head = head_with_banks([KIND_PSEUDO] * 5, knowledge=["distance"],
+                           score="normal_plus_correction", correction_bound=0.3).eval()
+    with torch.no_grad():  # a head gone wild: huge weights
+        last = head.score_head[-1]
+        last.weight.normal_(0, 100.0)
+        last.bias.fill_(50.0)
+    x = torch.randn(2, 6, 4, 4)
+    logits = head({"feature_align": x})["patch_logits"].permute(0, 2, 3, 1).reshape(-1)
+    q = x.permute(0, 2, 3, 1).reshape(-1, 6)
+    d_n = torch.cdist(q, head.normal_bank).min(1).values / 2.0
+    total = logits / torch.nn.functional.softplus(head.score_gain) + head.score_offset
+    assert float((total - d_n).abs().max().detach()) <= 0.3 + 1e-5
+
+
+def test_correction_score_trains_all_its_parts():
+    head = head_with_banks([KIND_PSEUDO] * 5, knowledge=["distance"],
+                           score="normal_plus_correction").train()
+    out = head({"feature_align": torch.randn(2, 6, 4, 4)})
+    out["patch_logits"].sum().backward()
+    assert head.score_gain.grad is not None and head.score_offset.grad is not None
+    assert head.score_head[-1].weight.grad.abs().sum() > 0
+
+
+def test_real_distance_is_the_nearest_labelled_anomaly_memory():
+    kinds = [KIND_PSEUDO, KIND_REAL, KIND_PSEUDO, KIND_CENTRE, KIND_PSEUDO]
+    head = head_with_banks(kinds, knowledge=["distance", "real_distance"],
+                           include_query=False)
+    q = torch.randn(7, 6) + 2
+    q[0] = head.abnormal_bank[1] + 0.01  # next to a real memory
+    z = head.knowledge_features(q)
+    assert z.shape == (7, head.knowledge_dim()) == (7, 3)
+    real = head.abnormal_bank[torch.tensor([1, 3])]
+    brute = (torch.cdist(q.double(), real.double()).min(1).values / 2.0).clamp(
+        max=REAL_DISTANCE_CAP)
+    torch.testing.assert_close(z[:, 2].double(), brute, atol=1e-4, rtol=1e-4)
+    # the abnormal distance sees pseudo memories too; the real one does not
+    assert float(z[0, 2]) < 0.05
+    # leave-one-image-out: the real memory's own image does not meet it in training
+    src = torch.tensor([101, 0, 0, 0, 0, 0, 0])
+    z_loo = head.knowledge_features(q, row_src=src)
+    assert float(z_loo[0, 2]) > float(z[0, 2])
+
+
+def test_real_distance_without_labelled_anomalies_is_the_cap():
+    head = head_with_banks([KIND_PSEUDO] * 4, knowledge=["distance", "real_distance"])
+    z = head.knowledge_features(torch.randn(5, 6))
+    assert torch.all(z[:, -1] == REAL_DISTANCE_CAP)
+
+
+def test_bad_score_settings_are_refused():
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="score must be one of"):
+        DMAD([6], [4], input_size=[16, 16], score="sum")
+    with pytest.raises(UserError, match="correction_bound"):
+        DMAD([6], [4], input_size=[16, 16], score="normal_plus_correction",
+             correction_bound=0)
