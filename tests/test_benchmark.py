@@ -63,3 +63,23 @@ def test_dmad_banks_are_filled_and_its_own_loss_is_used(tmp_path):
     assert fast["max_abs_map_diff_vs_first"] < 1e-5
     # DMAD's step retrieves from the banks: FLOPs beyond the score head's convolutions
     assert fast["train_step_gflop"] > 0
+
+
+def test_benchmark_tools_share_the_measurements_and_results_writer(tmp_path, capsys):
+    """Each benchmark tool times, reads peak memory and writes its JSON through tools/_bench.py
+    (one implementation of each), and the results file is written atomically."""
+    import re
+
+    from tools import _bench
+
+    for path in sorted((ROOT / "tools").glob("benchmark*.py")):
+        text = path.read_text(encoding="utf-8")
+        for own in (r"json\.dump\(", r"\.write_text\(", r"getrusage", r"open\(\"/proc/self/",
+                    r"time\.perf_counter\(", r"^def (median|timed|maxrss_mib|_status_mb)\("):
+            assert not re.search(own, text, re.M), f"{path.name} re-implements {own}"
+    out = tmp_path / "r.json"
+    _bench.write_json(out, {"a": [1, 2]})
+    assert out.read_text() == json.dumps({"a": [1, 2]}, indent=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind
+    assert capsys.readouterr().out == f"written {out}\n"
+    assert _bench.call_timed(lambda: 7)[0] == 7 and _bench.max_rss_mb() > 0

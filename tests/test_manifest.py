@@ -5,7 +5,8 @@ import numpy as np
 import cv2
 import pytest
 
-from datasets.manifest import build_mvtec_records, read_manifest, write_manifest
+from datasets.manifest import read_manifest, write_manifest
+from datasets.prepare.mvtec import build_mvtec_records
 
 
 def _png(path, value=0, size=8):

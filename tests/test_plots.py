@@ -136,6 +136,31 @@ def test_visualize_uses_the_public_curve_function():
     assert M.ranking_curves(s, np.zeros(50)) is None
 
 
+def test_one_roc_drawer_serves_the_report_and_tensorboard(monkeypatch):
+    """TensorBoard's ROC image (visualize.roc_figure) is drawn by the report's drawer
+    (plots.draw_roc): every class's curve as plotted is its ranking curve, a class with one kind
+    of label is listed as n/a, and the image is the figures side by side."""
+    assert not hasattr(V, "draw_roc")
+    inf = make_inference(seed=5, counts=(12, 4))
+    drawn = []
+    real = P.draw_roc
+
+    def spy(lines, title, figsize=P.FIGSIZE):
+        fig = real(lines, title, figsize)  # read back now: rendering clears the figure
+        legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        drawn.append((title, line(fig, "a_roc"), legend))
+        return fig
+
+    monkeypatch.setattr(P, "draw_roc", spy)
+    rgb = V.roc_figure(inf, size=200)
+    assert rgb.shape == (200, 400, 3) and [d[0] for d in drawn] == ["image ROC", "pixel ROC"]
+    sel = np.asarray(inf["clsname"]) == "a"
+    for (_, xy, legend), (scores, labels) in zip(drawn, (
+            (inf["score"][sel], inf["label"][sel]), (inf["maps"][sel], inf["masks"][sel]))):
+        np.testing.assert_array_equal(xy, np.stack(M.ranking_curves(scores, labels)["roc"], 1))
+        assert legend[-1] == "b AUROC n/a" and legend[1].startswith("a AUROC ")
+
+
 # ----------------------------------------------------------------------------- histogram
 def test_histogram_counts_and_threshold_line():
     inf = make_inference(seed=5, counts=(14, 6))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.pseudo_anomaly import (PseudoAnomalyDataset, PseudoAnomalySynthesizer,
-                                     list_textures, perlin_mask, perlin_noise, sample_rng,
-                                     wrap_pseudo_anomalies)
+from datasets.pseudo_anomaly import PseudoAnomalyDataset, wrap_pseudo_anomalies
+from datasets.pseudo_anomaly_synthesis import (PseudoAnomalySynthesizer, list_textures,
+                                               perlin_mask, perlin_noise, sample_rng)
 
 
 def _perlin_loop(shape, res, angles):

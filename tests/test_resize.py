@@ -140,7 +140,7 @@ def test_dataset_honours_dataset_resize(tmp_path):
 
 def test_everything_else_follows_the_datasets_method(tmp_path):
     """Self textures, panels' images and the feature-cache key use the dataset's method."""
-    from datasets.pseudo_anomaly import self_image_loader
+    from datasets.pseudo_anomaly_synthesis import self_image_loader
     from utils.engine.feature_cache import cache_key
     from utils.visualize import display_image
 

@@ -5,9 +5,11 @@ import cv2
 import numpy as np
 import pytest
 
-from datasets.manifest import build_mvtec_records, read_manifest
+from datasets.manifest import read_manifest
+from datasets.prepare.mvtec import build_mvtec_records
 from datasets.synthetic import (CLASS_SPECS, DEFAULT_CLASSES, ensure_synthetic_dataset,
-                                generate_synthetic_dataset, main, render_sample)
+                                generate_synthetic_dataset, render_sample)
+from tools.make_synthetic import main
 
 SMALL = dict(image_size=224, num_train=6, num_test_good=3, num_test_defect=2)
 
@@ -176,3 +178,16 @@ def test_cli(tmp_path, capsys):
                  "--num-train", "2", "--num-test-good", "1", "--num-test-defect", "1"]) == 0
     assert "2 train, 5 test" in capsys.readouterr().out
     assert len(read_manifest(out / "test.json")) == 5
+
+
+def test_cli_is_a_tool_and_reports_bad_values_in_one_line(tmp_path, capsys):
+    """The generator's command line lives in tools/ (datasets/ holds no CLI) and answers a bad
+    value like every tool: one ``error:`` line, exit 2, nothing written."""
+    import datasets.synthetic as synthetic
+
+    assert not hasattr(synthetic, "main")
+    out = tmp_path / "bad"
+    assert main(["--out", str(out), "--image-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "image_size must be >= 64, got 32" in err
+    assert not out.exists()

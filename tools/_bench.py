@@ -1,7 +1,10 @@
-"""Measurement pieces shared by the benchmark tools: peak memory, device sync, timing."""
+"""Measurement pieces shared by the benchmark tools: peak memory, device sync, timing, and the
+results file, so every tool measures and records the same way."""
+import json
 import os
 import threading
 import time
+from pathlib import Path
 
 
 def rss_bytes():
@@ -13,6 +16,30 @@ def rss_bytes():
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def max_rss_mb():
+    """Peak resident set size of this process so far, in MiB (``ru_maxrss``: KiB on Linux);
+    it cannot be reset, see :func:`reset_peak_rss`."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def status_mb(field):
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``, ...) in MiB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss():
+    """Linux: restart VmHWM from the current RSS (ru_maxrss cannot be reset, and it even keeps
+    the parent's peak across fork + exec)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 class PeakRSS:
@@ -64,3 +91,22 @@ def timed(fn, steps, device):
         fn()
     sync(device)
     return time.perf_counter() - t, time.process_time() - c
+
+
+def call_timed(fn):
+    """(``fn()``, wall seconds of that one call)."""
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def write_json(path, result):
+    """The results file, written atomically (an interrupted run never leaves half of one)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"written {path}")

@@ -15,9 +15,8 @@ change on a shared machine does not favour one of them. Heads with a stage one (
 banks) are filled from random images first.
 """
 import argparse
-import json
+import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from tools._bench import PeakRSS, sync  # noqa: E402
+from tools._bench import PeakRSS, call_timed, timed, write_json  # noqa: E402
 from tools._common import add_device_args  # noqa: E402
 
 
@@ -33,12 +32,7 @@ def matmul_flops_per_s(device, dtype, n=1024, repeat=5):
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(repeat):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * repeat / (time.perf_counter() - t)
+    return 2 * n ** 3 * repeat / timed(lambda: a @ b, repeat, device)[0]
 
 
 def count_flops(fn):
@@ -95,10 +89,9 @@ def prepare_banks(model, cfg, device, n_images):
         return None
     data = RandomImages(n_images, cfg.dataset.input_size, model.pixel_mean, model.pixel_std)
     model.eval()
-    t = time.perf_counter()
-    run_stage_one(model, data, device, batch_size=cfg.dataset.get("batch_size", 8),
-                  progress=False, plain=data)
-    return time.perf_counter() - t
+    return call_timed(lambda: run_stage_one(model, data, device,
+                                            batch_size=cfg.dataset.get("batch_size", 8),
+                                            progress=False, plain=data))[1]
 
 
 def batch_fields(b, size, device, seed=0):
@@ -163,12 +156,7 @@ class Variant:
         self.predict()
 
     def _seconds_per_call(self, fn, steps):
-        sync(self.device)
-        t = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        sync(self.device)
-        return (time.perf_counter() - t) / steps
+        return timed(fn, steps, self.device)[0] / steps
 
     def time_train(self, steps, record=True):
         self.model.train()
@@ -186,11 +174,6 @@ class Variant:
     def flops(self):
         self.model.train()
         return count_flops(self.step)
-
-
-def median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
 
 def main(argv=None):
@@ -241,9 +224,7 @@ def main(argv=None):
     for name, kw in specs:
         torch.manual_seed(0)
         v = Variant(name, cfg, state, images, fields, device, **kw)
-        t = time.perf_counter()
-        v.warm_up()
-        v.warm_up_s = time.perf_counter() - t
+        v.warm_up_s = call_timed(v.warm_up)[1]
         variants.append(v)
     peak_rounds = {dtype: [] for dtype in {v.amp_dtype or torch.float32 for v in variants}}
     # interleaved rounds: a load change on a shared machine hits every variant alike, and the
@@ -256,7 +237,7 @@ def main(argv=None):
             v.time_eval(args.steps)
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
             f"{v.name} {v.train_times[-1]:.2f} s/step" for v in variants), flush=True)
-    peaks = {dtype: median(xs) for dtype, xs in peak_rounds.items()}
+    peaks = {dtype: statistics.median(xs) for dtype, xs in peak_rounds.items()}
     results, maps = {}, {}
     for v in variants:
         dtype = v.amp_dtype or torch.float32
@@ -265,7 +246,7 @@ def main(argv=None):
         with PeakRSS() as mem:
             v.time_train(1, record=False)
         flops = v.flops()
-        train_s, eval_s = median(v.train_times), median(v.eval_times)
+        train_s, eval_s = statistics.median(v.train_times), statistics.median(v.eval_times)
         fig = {"train_img_per_s": b / train_s, "eval_img_per_s": b / eval_s,
                "train_step_s": train_s, "train_step_s_rounds": v.train_times,
                "train_step_gflop": flops / 1e9, "achieved_gflop_per_s": flops / train_s / 1e9,
@@ -292,7 +273,6 @@ def main(argv=None):
                "parameters": n_params, "trainable_parameters": n_train,
                "rounds": args.rounds, "steps_per_round": args.steps,
                "bank_build_s": bank_s, "variants": results}
-    Path(args.out).write_text(json.dumps(summary, indent=2))
     cols = ["train_img_per_s", "eval_img_per_s", "train_speedup_vs_first", "train_step_gflop",
             "achieved_gflop_per_s", "fraction_of_matmul", "peak_rss_mb",
             "max_abs_map_diff_vs_first"]
@@ -303,7 +283,7 @@ def main(argv=None):
           + (f"; memory banks built from {args.bank_images} random images in {bank_s:.1f} s"
              if bank_s is not None else ""))
     print(tabulate(table, headers=["path"] + cols, tablefmt="github"))
-    print(f"written {args.out}")
+    write_json(args.out, summary)
     return 0
 
 

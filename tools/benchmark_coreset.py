@@ -14,14 +14,13 @@ patch, in the projected space) is reported over all patches and per class, with 
 share of the memories.
 """
 import argparse
-import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tools._bench import call_timed, write_json  # noqa: E402
 from tools._common import add_data_args, add_device_args, apply_device_args, load_cfg  # noqa: E402,E501
 
 
@@ -116,9 +115,7 @@ def measure(features, worth, ratio, proj_dim, skip_over):
     if not skip_over or x.shape[0] <= skip_over:
         variants.insert(0, ("stepwise", greedy_coreset_stepwise))
     for label, fn in variants:
-        t0 = time.perf_counter()
-        sel, _ = fn(x, n, proj_dim=proj_dim, seed=0)
-        seconds = time.perf_counter() - t0
+        (sel, _), seconds = call_timed(lambda: fn(x, n, proj_dim=proj_dim, seed=0))
         radii, radius = per_class_radius(x, sel, cls, names, proj_dim, 0)
         share = torch.bincount(cls[sel], minlength=len(names)).tolist()
         row[label] = {"seconds": seconds, "radius": radius, "class_radius": radii,
@@ -147,9 +144,8 @@ def main(argv=None):
         ratio, proj_dim = head_settings(cfg)
         ratio = args.ratio or ratio
         proj_dim = args.proj_dim if args.proj_dim is not None else proj_dim
-        t0 = time.perf_counter()
-        features, extra = real_features(cfg, device)
-        print(f"features of {', '.join(features)}: {time.perf_counter() - t0:.1f} s", flush=True)
+        (features, extra), seconds = call_timed(lambda: real_features(cfg, device))
+        print(f"features of {', '.join(features)}: {seconds:.1f} s", flush=True)
         source = f"{args.config}: training images of {', '.join(features)}, then mirrored"
     features = {**features, **extra}
     rows = [measure(features, w, ratio, proj_dim, args.skip_stepwise_over)
@@ -157,9 +153,7 @@ def main(argv=None):
     result = {"source": source, "ratio": ratio, "proj_dim": proj_dim, "device": str(device),
               "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
               "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"written {args.out}")
+    write_json(args.out, result)
     return 0
 
 

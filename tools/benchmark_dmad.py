@@ -17,15 +17,13 @@ anything (e.g. ``net.2.kwargs.bank_memory_mb=64``); ``--limit N`` builds from N
 evenly spaced training images only.
 """
 import argparse
-import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools._bench import PeakRSS  # noqa: E402
+from tools._bench import PeakRSS, call_timed, timed, write_json  # noqa: E402
 from tools._common import add_data_args, add_device_args, apply_device_args, load_cfg  # noqa: E402,E501
 
 
@@ -55,9 +53,7 @@ def main(argv=None):
                   "ratios_current_over_baseline": _ratios(base, result)}
         for key, value in result["ratios_current_over_baseline"].items():
             print(f"{key}: current / baseline = {value:.3f}")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"written {args.out}")
+    write_json(args.out, result)
     return 0
 
 
@@ -102,10 +98,10 @@ def measure(args, opts):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as mem:
-        t0 = time.perf_counter()
-        info = run_stage_one(model, train_set, device, batch_size=batch_size,
-                             progress=True, log=print, plain=plain)[heads[0]]
-        build_s = time.perf_counter() - t0
+        infos, build_s = call_timed(lambda: run_stage_one(
+            model, train_set, device, batch_size=batch_size, progress=True, log=print,
+            plain=plain))
+        info = infos[heads[0]]
     result = {
         "config": str(args.config), "classes": classes, "device": str(device),
         "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
@@ -126,13 +122,7 @@ def measure(args, opts):
                 if i >= args.infer_batches:
                     break
                 x = {"image": batch["image"].to(device)}
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                model(x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t_infer += time.perf_counter() - t
+                t_infer += timed(lambda: model(x), 1, device)[0]
                 n += len(batch["index"])
         result["inference_images"] = n
         result["inference_img_per_s"] = n / t_infer if t_infer else None
@@ -168,9 +158,7 @@ def time_training(cfg, model, device, class_name, epochs):
             trainer.model.load_state_dict(model.state_dict())
             times = []
             for epoch in range(epochs):
-                t0 = time.perf_counter()
-                trainer.train_one_epoch(epoch)
-                times.append(time.perf_counter() - t0)
+                times.append(call_timed(lambda: trainer.train_one_epoch(epoch))[1])
             cache = "features cached" if trainer.use_cache else "no feature cache"
         finally:
             trainer.close()

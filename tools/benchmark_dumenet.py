@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tools._bench import sync, timed  # noqa: E402
+from tools._bench import reset_peak_rss, status_mb, sync, timed, write_json  # noqa: E402
 from tools._common import add_device_args, apply_device_args  # noqa: E402
 from utils.misc import resolve_device  # noqa: E402
 
@@ -82,21 +82,6 @@ def eval_step(model, image):
         model({"image": image})
 
 
-def _status_mb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss():
-    """Linux: restart VmHWM from the current RSS (ru_maxrss cannot be reset, and it even keeps
-    the parent's peak across fork + exec)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def memory_child(args):
     """One variant, one mode, in this fresh process: prints the peak as JSON."""
     device = torch.device(args.device)
@@ -115,10 +100,10 @@ def memory_child(args):
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
     else:
         step()  # first-step allocations (optimizer state, allocator pools) count as setup
-        base = _status_mb("VmRSS")
+        base = status_mb("VmRSS")
         reset_peak_rss()
         step()
-        peak = _status_mb("VmHWM")
+        peak = status_mb("VmHWM")
     print(json.dumps({"peak_mb": peak, "base_mb": base, "extra_mb": peak - base}))
 
 
@@ -225,8 +210,6 @@ def main(argv=None):
         "results": results,
         "ratios_vs_uniad": ratios,
     }
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
     print(f"\n{'variant':16s} {'train img/s':>12s} {'eval img/s':>11s} {'train x':>8s} "
           f"{'eval x':>7s} {'train cpu x':>12s} {'eval cpu x':>11s} {'train peak MB':>14s} "
           f"{'peak x':>7s} {'growth x':>9s}")
@@ -238,7 +221,7 @@ def main(argv=None):
               f"{r.get('train_cpu_time', 1.0):12.2f} {r.get('eval_cpu_time', 1.0):11.2f} "
               f"{mem:14.0f} {r.get('train_peak_memory', 1.0):7.2f} "
               f"{r.get('train_extra_memory', 1.0):9.2f}")
-    print(f"written: {args.out}")
+    write_json(args.out, report)
     return 0
 
 

@@ -11,17 +11,15 @@ process ru_maxrss.
     python tools/benchmark_metrics.py [--num-images 1725] [--size 224] [--out benchmark_metrics.json]
 """
 import argparse
-import json
 import os
 import platform
-import resource
 import sys
-import time
 import tracemalloc
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools._bench import call_timed, max_rss_mb, write_json  # noqa: E402
 from utils.metrics import (METRIC_NAMES, compute_class_metrics,  # noqa: E402
                            image_score_from_map, summarize)
 
@@ -78,12 +76,6 @@ def run_split(maps, masks, scores, labels, sizes):
     return per_class
 
 
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
 def traced_peak_mib(fn):
     tracemalloc.start()
     tracemalloc.reset_peak()
@@ -91,10 +83,6 @@ def traced_peak_mib(fn):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return peak / 2**20
-
-
-def maxrss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def main(argv=None):
@@ -109,9 +97,9 @@ def main(argv=None):
     p.add_argument("--out", default="benchmark_metrics.json")
     args = p.parse_args(argv)
 
-    (maps, masks), t_gen = timed(lambda: make_data(args.num_images, args.size, args.seed))
+    (maps, masks), t_gen = call_timed(lambda: make_data(args.num_images, args.size, args.seed))
     labels = masks.reshape(len(masks), -1).any(axis=1)
-    scores, t_score = timed(lambda: image_score_from_map(maps, "max", kernel=16))
+    scores, t_score = call_timed(lambda: image_score_from_map(maps, "max", kernel=16))
     sizes = split_sizes(args.num_images)
     result = {
         "num_images": args.num_images, "size": args.size, "pixels": int(maps.size),
@@ -119,7 +107,7 @@ def main(argv=None):
         "classes": len(sizes), "class_sizes": sizes,
         "cpu_count": os.cpu_count(), "numpy": np.__version__, "python": platform.python_version(),
         "generate_s": round(t_gen, 2), "image_score_from_map_max_s": round(t_score, 3),
-        "maxrss_after_data_mib": round(maxrss_mib(), 1), "runs": {},
+        "maxrss_after_data_mib": round(max_rss_mb(), 1), "runs": {},
     }
     print(f"{args.num_images} maps {args.size}x{args.size} = {maps.size / 1e6:.1f} M px, "
           f"{labels.sum()} anomalous, generated in {t_gen:.1f}s; "
@@ -134,22 +122,20 @@ def main(argv=None):
         for name, fn in (("15_classes", lambda: run_split(m, masks, scores, labels, sizes)),
                          ("one_class",
                           lambda: {"all": compute_class_metrics(scores, labels, m, masks)})):
-            per_class, t = timed(fn)
+            per_class, t = call_timed(fn)
             summ = summarize(per_class)
             run = {"seconds": round(t, 3), "summary": {k: (None if v is None else round(v, 5))
                                                         for k, v in summ.items()}}
             if not args.no_memory:
                 run["tracemalloc_peak_mib"] = round(traced_peak_mib(fn), 1)
-            run["maxrss_mib"] = round(maxrss_mib(), 1)
+            run["maxrss_mib"] = round(max_rss_mb(), 1)
             result["runs"][f"{dt}/{name}"] = run
             mem = f", traced peak {run['tracemalloc_peak_mib']:.0f} MiB" if not args.no_memory else ""
             print(f"{dt:16s} {name:11s}: {t:6.2f} s{mem}, maxrss {run['maxrss_mib']:.0f} MiB | "
                   + " ".join(f"{k}={v:.4f}" for k, v in summ.items() if v is not None))
         del m
 
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 

@@ -27,8 +27,8 @@ def _pct(v):
     return "n/a" if v is None else f"{100.0 * v:.2f}"
 
 
-def _figure(title):
-    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+def _figure(title, figsize=FIGSIZE):
+    fig = Figure(figsize=figsize, dpi=DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.set_title(title, fontsize=10)
@@ -66,18 +66,19 @@ def class_curves(inf, cls, fpr_limit=FPR_LIMIT):
             "labels": labels, "fpr_limit": fpr_limit}
 
 
-def plot_roc(curves, cls):
-    """Image and pixel ROC of one class; the legend gives each area (= AUROC) in %."""
-    fig, ax = _figure(f"{cls}: ROC")
+def draw_roc(lines, title, figsize=FIGSIZE):
+    """The one ROC drawer (this report's per-class plot, TensorBoard's per-level plot):
+    ``lines`` = [(name, ranking_curves result or None, colour, gid), ...]; the legend gives each
+    area (= AUROC) in %, and a line of one kind of label is listed as 'n/a' without a curve."""
+    fig, ax = _figure(title, figsize)
     ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="#999999", label="chance")
     drawn = 0
-    for level in ("image", "pixel"):
-        c = curves.get(level)
+    for name, c, color, gid in lines:
         if c is None:
+            ax.plot([], [], lw=1.5, color=color, label=f"{name} AUROC n/a")
             continue
         x, y = c["roc"]
-        ax.plot(x, y, lw=1.5, color=COLORS[level], gid=f"{level}_roc",
-                label=f"{level} AUROC {_pct(c['auroc'])}")
+        ax.plot(x, y, lw=1.5, color=color, gid=gid, label=f"{name} AUROC {_pct(c['auroc'])}")
         drawn += 1
     if not drawn:
         _undefined(ax, "ROC")
@@ -88,6 +89,13 @@ def plot_roc(curves, cls):
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_roc(curves, cls):
+    """Image and pixel ROC of one class (a level with one kind of label is left out)."""
+    return draw_roc([(level, curves[level], COLORS[level], f"{level}_roc")
+                     for level in ("image", "pixel") if curves.get(level) is not None],
+                    f"{cls}: ROC")
 
 
 def plot_pr(curves, cls):

@@ -1,4 +1,4 @@
-"""Pictures of an evaluation: per-image panels, heat-map overlays and ROC plots (OpenCV only).
+"""Pictures of an evaluation: per-image panels and heat-map overlays (OpenCV), ROC plots.
 
 Panel layout (RGB, one row): ``image | ground truth | heat-map overlay | thresholded map``
 under a caption strip, each tile at the model's input size, tiles separated by ``GAP`` white
@@ -11,7 +11,6 @@ tile shows ``map >= pixel threshold`` in white with the ground-truth outline in 
 """
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from datasets.image_io import LEGACY_RESIZE, read_image, resize_image
@@ -126,62 +125,23 @@ def roc_points(scores, labels):
     return None if curves is None else curves["roc"]
 
 
-def draw_roc(curves, title, size=360):
-    """ROC plot as RGB uint8: ``curves`` = [(label, (fpr, tpr) or None), ...]; the legend gives
-    each curve's area (computed from the drawn polyline), 'n/a' for a one-class curve."""
-    img = np.full((size, size, 3), 255, np.uint8)
-    left, right, top, bottom = 34, 10, 22, 26
-    pw, ph = size - left - right, size - top - bottom
-
-    def px(fx, fy):
-        return np.stack([left + np.asarray(fx) * pw, top + (1.0 - np.asarray(fy)) * ph],
-                        axis=-1)
-
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    for v in np.linspace(0.0, 1.0, 6):
-        (x0, y0), = px([v], [0.0]).astype(int)
-        (_, y1), = px([0.0], [v]).astype(int)
-        cv2.line(img, (x0, top), (x0, top + ph), (225, 225, 225), 1)
-        cv2.line(img, (left, y1), (left + pw, y1), (225, 225, 225), 1)
-        cv2.putText(img, f"{v:.1f}", (x0 - 9, top + ph + 13), font, 0.33, (60, 60, 60), 1,
-                    cv2.LINE_AA)
-        cv2.putText(img, f"{v:.1f}", (4, y1 + 4), font, 0.33, (60, 60, 60), 1, cv2.LINE_AA)
-    cv2.rectangle(img, (left, top), (left + pw, top + ph), (0, 0, 0), 1)
-    diag = px([0.0, 1.0], [0.0, 1.0]).astype(int)
-    cv2.line(img, tuple(diag[0]), tuple(diag[1]), (170, 170, 170), 1, cv2.LINE_AA)
-    cv2.putText(img, title, (left + 6, 15), font, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, "FPR", (left + pw // 2 - 10, size - 3), font, 0.35, (0, 0, 0), 1,
-                cv2.LINE_AA)
-    cv2.putText(img, "TPR", (2, 15), font, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
-    legend_y = top + ph - 6 - 12 * (len(curves) - 1)
-    for k, (label, pts) in enumerate(curves):
-        color = PALETTE[k % len(PALETTE)]
-        if pts is not None:
-            x, y = pts
-            line = np.round(px(x, y) * 16).astype(np.int32)  # 4 fractional bits: smooth lines
-            cv2.polylines(img, [line.reshape(-1, 1, 2)], False, color, 1, cv2.LINE_AA, shift=4)
-            area = float(np.sum(np.diff(x) * (y[1:] + y[:-1])) * 0.5)
-            text = f"{label} {100 * area:.1f}"
-        else:
-            text = f"{label} n/a"
-        yy = legend_y + 12 * k
-        cv2.line(img, (left + pw - 118, yy - 3), (left + pw - 104, yy - 3), color, 2)
-        cv2.putText(img, text[:16], (left + pw - 100, yy), font, 0.33, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-    return img
-
-
 def roc_figure(inf, pixel=True, size=360):
-    """Image ROC (and pixel ROC) per class, side by side."""
+    """Image ROC (and pixel ROC) of every class, side by side (``size`` pixels square each),
+    drawn by ``utils.plots.draw_roc`` like the report's plots."""
+    from utils import plots  # matplotlib is imported only when a figure is drawn
+
     clsnames = np.asarray(inf["clsname"])
-    classes = list(dict.fromkeys(inf["clsname"]))
-    sel = {c: np.flatnonzero(clsnames == c) for c in classes}
-    plots = [draw_roc([(c, roc_points(inf["score"][s], inf["label"][s]))
-                       for c, s in sel.items()], "image ROC", size)]
-    if pixel:
-        plots.append(draw_roc([(c, roc_points(inf["maps"][s], inf["masks"][s]))
-                               for c, s in sel.items()], "pixel ROC", size))
-    return np.concatenate(plots, axis=1)
+    sel = {c: np.flatnonzero(clsnames == c) for c in dict.fromkeys(inf["clsname"])}
+    levels = [("image ROC", "score", "label")] + ([("pixel ROC", "maps", "masks")] if pixel
+                                                  else [])
+    side = size / plots.DPI
+    images = []
+    for title, key, truth in levels:
+        lines = [(c, ranking_curves(inf[key][s], inf[truth][s]),
+                  tuple(v / 255.0 for v in PALETTE[k % len(PALETTE)]), f"{c}_roc")
+                 for k, (c, s) in enumerate(sel.items())]
+        images.append(plots.figure_to_rgb(plots.draw_roc(lines, title, (side, side))))
+    return np.concatenate(images, axis=1)
 
 
 def log_evaluation_images(writer, inf, dataset, thresholds, step, vis_cfg=None):
