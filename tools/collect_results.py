@@ -44,8 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 RESULTS = "results.json"
 SKIP_DIRS = {".git", "__pycache__", "checkpoints", "events", "vis", "plots"}
-METRIC_ORDER = ["image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
-                "pixel_f1max", "pixel_aupro", "mad"]
+from utils.metrics import TABLE_METRICS as METRIC_ORDER  # noqa: E402  (the one list)
 
 
 class InputError(Exception):

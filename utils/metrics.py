@@ -27,9 +27,14 @@ import numpy as np
 METRIC_NAMES = [
     "image_auroc", "image_ap", "image_f1max",
     "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro",
-]
-IMAGE_METRICS = METRIC_NAMES[:3]
-PIXEL_METRICS = METRIC_NAMES[3:]
+]  # the one list: evaluation, tables and collect_results all read it
+IMAGE_METRICS = [m for m in METRIC_NAMES if m.startswith("image_")]
+PIXEL_METRICS = [m for m in METRIC_NAMES if m.startswith("pixel_")]
+# mAD is ADer's mean of these seven published metrics: pinned, so a metric added above never
+# changes what an existing mAD figure means
+MAD_METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
+               "pixel_f1max", "pixel_aupro")
+TABLE_METRICS = METRIC_NAMES + ["mad"]  # column order of every results table
 
 from utils.ranking_curve import _CHUNK, _build_curve, _cv2, _to_numpy  # noqa: E402
 
@@ -110,6 +115,12 @@ def ranking_curves(scores, labels, regions: bool = False,
     return out
 
 
+def mad_of(values):
+    """ADer's mAD: the mean of the seven published metrics, None when any is missing."""
+    seven = [values.get(m) for m in MAD_METRICS]
+    return None if any(v is None for v in seven) else float(np.mean(seven))
+
+
 def compute_class_metrics(image_scores, image_labels, maps=None, masks=None,
                           metrics: Iterable[str] = METRIC_NAMES) -> Dict[str, Optional[float]]:
     """All requested metrics for one class, sharing one curve per level.
@@ -155,8 +166,7 @@ def summarize(per_class: Mapping[str, Mapping[str, Optional[float]]]
     for name in names:
         vals = [float(d[name]) for d in per_class.values() if is_num(d.get(name))]
         out[name] = float(np.mean(vals)) if vals else None
-    seven = [out[m] for m in METRIC_NAMES]
-    out["mad"] = None if any(v is None for v in seven) else float(np.mean(seven))
+    out["mad"] = mad_of(out)
     return out
 
 
