@@ -147,7 +147,8 @@ def test_configs_state_their_departures_truly(path):
             assert f"{k.coreset_ratio * 100:g} % on a {k.coreset_proj_dim}-d" in dep["coreset"]
         else:
             assert (k.coreset_ratio, k.coreset_proj_dim) == (0.1, 128), path  # the paper's
-        assert ("crop" in dep) == (cfg.dataset.input_size == [224, 224]), path
+        if "crop" in dep:
+            assert cfg.dataset.input_size == [224, 224], path
         return
     elif cfg.net[0].type.endswith("efficientnet_lite0"):  # UniAD / DuMeNet, smaller
         assert f"{cfg.trainer.max_epoch} epochs" in dep["schedule"]
