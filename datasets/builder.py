@@ -148,9 +148,10 @@ def build_datasets(cfg, pixel_mean, pixel_std, class_name=None):
     train_records = subsample(train_records, train_cfg.get("subsample"), seed)
     test_records = subsample(test_records, test_cfg.get("subsample"), seed + 1)
     # DMAD's semi-supervised protocol: k annotated anomalies per class move from test to train
-    from datasets.seen_anomalies import apply_seen_anomalies
+    from datasets.seen_anomalies import apply_seen_anomalies, refuse_scored_anomalies
     train_records, test_records, seen = apply_seen_anomalies(ds, train_records, test_records,
                                                              data_roots(cfg))
+    refuse_scored_anomalies(train_records, test_records, image_dir)
     color_mode = ((ds.get("image_reader") or {}).get("kwargs") or {}).get("color_mode", "RGB")
     augment = Augment(train_cfg.get("hflip", False), train_cfg.get("vflip", False),
                       train_cfg.get("rotate", False), train_cfg.get("color_jitter"))

@@ -26,6 +26,7 @@ def _check_record(rec, where):
     for key in ("filename", "clsname"):
         if not isinstance(rec[key], str) or not rec[key]:
             raise UserError(f"{where}: '{key}' must be a non-empty string, got {rec[key]!r}")
+    check_class_name(rec["clsname"], f"{where}: 'clsname'")
     label = rec["label"]
     # bool is an int subclass; JSON true would silently read as label 1.
     if isinstance(label, bool) or label not in (0, 1):
@@ -33,6 +34,15 @@ def _check_record(rec, where):
     for key in ("label_name", "maskname"):
         if key in rec and rec[key] is not None and not isinstance(rec[key], str):
             raise UserError(f"{where}: '{key}' must be a string, got {rec[key]!r}")
+
+
+def check_class_name(name, where):
+    """A class name becomes a folder name (a per-class run's class folder, ``vis/<class>/``),
+    so one that is a path ('../x', '/tmp/x') would make a tool write outside its folder."""
+    if not isinstance(name, str) or not name or name in (".", "..") or any(
+            c in name for c in "/\\\0"):
+        raise UserError(f"{where} {name!r} is not a valid class name: it must be a folder "
+                        f"name, without '/', '\\' or NUL, and not '.' or '..'")
 
 
 def read_manifest(path):

@@ -75,3 +75,52 @@ def apply_seen_anomalies(ds_cfg, train_records, test_records, roots=()):
             "classes": None if classes is None else list(classes),
             "join_training": join, "files": [relative_name(r["filename"], roots) for r in seen]}
     return train_records, test_records, info
+
+
+def refuse_scored_anomalies(train_records, test_records, image_dir=None):
+    """Refuse a test set that still holds a labelled anomaly the run trains on: the same file
+    (by its real path, so a record listed twice or a symlink is caught) or the same bytes
+    under another name (a copy, a hard link, a renamed file). Names alone would miss them."""
+    import hashlib
+    import os
+
+    def path(rec):
+        name = str(rec["filename"])
+        return name if os.path.isabs(name) or not image_dir else os.path.join(image_dir, name)
+
+    def size(p):
+        try:
+            return os.stat(p).st_size
+        except OSError:
+            return None
+
+    cache = {}
+
+    def digest(p):  # a file is read only when its size matches an anomaly's
+        if p not in cache:
+            with open(p, "rb") as f:
+                cache[p] = hashlib.sha256(f.read()).hexdigest()
+        return cache[p]
+
+    anomalies = [path(r) for r in train_records if int(r["label"]) == 1]
+    if not anomalies:
+        return
+    real = {os.path.realpath(p) for p in anomalies}
+    by_size = {}
+    for p in anomalies:
+        if size(p) is not None:
+            by_size.setdefault(size(p), set()).add(p)
+    hits = []
+    for rec in test_records:
+        p = path(rec)
+        n = size(p)
+        if os.path.realpath(p) in real or n in by_size and digest(p) in {
+                digest(q) for q in by_size[n]}:
+            hits.append(str(rec["filename"]))
+    if hits:
+        more = f" and {len(hits) - 10} more" if len(hits) > 10 else ""
+        raise UserError(f"the test set holds {len(hits)} image(s) that are labelled anomalies "
+                        f"the run trains on (dataset.seen_anomalies or label 1 in the train "
+                        f"manifest), listed twice or under another name: "
+                        f"{', '.join(hits[:10])}{more}; scoring them would inflate the "
+                        f"figures. Remove them from the test manifest")

@@ -47,6 +47,7 @@ _SPLIT_CODES = {"train": 1, "test_good": 2, "test_defect": 3}
 _DEFECT_CODES = {"scratch": 1, "hole": 2, "stain": 3, "missing": 4, "crack": 5,
                  "contamination": 6}
 _COMPLETE = ".complete"
+_STARTED = ".synthetic-generating"  # ours: a folder we may overwrite
 
 
 # ----------------------------------------------------------------------------- one sample
@@ -191,6 +192,15 @@ def ensure_synthetic_dataset(root, force=False, **kwargs):
             and (root / "train.json").is_file() and (root / "test.json").is_file()
     if done:
         return root
+    ours = root / _STARTED
+    if root.is_dir() and any(root.iterdir()) and not (marker.is_file() or ours.is_file()):
+        # generating overwrites class folders and manifests: never in a folder of other data
+        raise UserError(
+            f"dataset.synthetic.root {root} holds files that are not a DualMem synthetic "
+            f"dataset (no {_COMPLETE} or {_STARTED} marker); refusing to write into it. Point "
+            f"dataset.synthetic.root at a new or empty folder")
+    root.mkdir(parents=True, exist_ok=True)
+    ours.write_text("generation started; .complete is written when it ends\n")
     marker.unlink(missing_ok=True)
     generate_synthetic_dataset(root, p["classes"], p["image_size"], p["num_train"],
                                p["num_test_good"], p["num_test_defect"], p["seed"],
@@ -201,4 +211,5 @@ def ensure_synthetic_dataset(root, force=False, **kwargs):
     tmp = root / (_COMPLETE + ".tmp")
     tmp.write_text(json.dumps(p, indent=1) + "\n")
     tmp.replace(marker)
+    ours.unlink(missing_ok=True)
     return root

@@ -38,6 +38,7 @@ def _kwarg_specs():
         "hidden_dim": Positive, "nhead": Positive, "num_encoder_layers": Int(ge=0),
         "num_decoder_layers": Positive, "dim_feedforward": Positive,
         "dropout": Num(ge=0, lt=1),
+        "outstrides": ListOf(Positive),  # the divisor of the input size (MFCN)
     }
 
 
@@ -117,6 +118,8 @@ class ModelHelper(nn.Module):
 
     def __init__(self, net_cfg, input_size=None, frozen_layers=()):
         super().__init__()
+        if not net_cfg:
+            raise NetBuildError("'net' lists no module: a config needs at least a backbone")
         self.module_names = []
         self.frozen = set(frozen_layers or ())
         built = {}

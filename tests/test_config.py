@@ -161,15 +161,17 @@ def test_config_file_exponent_floats_are_numbers(tree):
         _base_: config.yaml
         trainer:
           optimizer: {type: AdamW, kwargs: {lr: 1e-4, weight_decay: 1E-5, eps: .5e-8}}
-          clip_max_norm: -2.5e-3
+          clip_max_norm: 2.5e-3
           max_epoch: 12
+        dataset:
+          pixel_mean: [-2.5e-3, 0.5, 0.5]
         """)
     cfg = load_config(path)
     kw = cfg.trainer.optimizer.kwargs
     assert kw.lr == 1e-4 and isinstance(kw.lr, float)
     assert kw.weight_decay == 1e-5 and isinstance(kw.weight_decay, float)
     assert kw.eps == 0.5e-8 and isinstance(kw.eps, float)
-    assert cfg.trainer.clip_max_norm == -2.5e-3
+    assert cfg.trainer.clip_max_norm == 2.5e-3 and cfg.dataset.pixel_mean[0] == -2.5e-3
     assert cfg.trainer.max_epoch == 12 and isinstance(cfg.trainer.max_epoch, int)
     assert cfg.net[0].kwargs.pretrained is True
 

@@ -161,8 +161,9 @@ def test_ensure_caches_and_recovers(tmp_path):
     ensure_synthetic_dataset(root, **kw)
     assert victim.read_bytes() == b"damaged"
 
-    # interrupted run (no marker): regenerated to identical bytes
+    # interrupted run (no .complete, our start marker left): regenerated to identical bytes
     (root / ".complete").unlink()
+    (root / ".synthetic-generating").write_text("started\n")
     ensure_synthetic_dataset(root, **kw)
     assert _files(root) == files and (root / ".complete").is_file()
 

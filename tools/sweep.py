@@ -278,6 +278,7 @@ def sweep(args, grid, device):
     from tools.train_per_class import refuse_shortening
     from utils import distributed as du
     from utils.engine import TrainingInterrupted
+    from utils.config import load_config
     from utils.run_record import RECORD_NAME
     from utils.workdir_lock import WorkDirLock
 
@@ -295,9 +296,18 @@ def sweep(args, grid, device):
         cell.update(name=name, values=values, work_dir=str(work_dir / name), status="pending",
                     overrides=[f"{k}={v}" for k, v in values.items()])
         cells.append(cell)
+    names = [c["name"] for c in cells]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # two cells in one folder: the second would be refused or resume the first
+        raise UserError(f"--grid gives several cells the folder {', '.join(twice)} (a value "
+                        f"repeated, or values that differ only in characters a folder name "
+                        f"drops): make every value of an axis distinct")
     # a cell folder a former run left is checked before anything trains
     plans = {c["name"]: open_existing(args, c, work_dir / c["name"]) for c in cells
              if (work_dir / c["name"] / RECORD_NAME).is_file()}
+    for c in cells:  # and every new cell's config: a bad grid value stops the sweep up front
+        if c["name"] not in plans:
+            load_config(args.config, list(args.opts) + c["overrides"])
     refuse_shortening({n: (p.cfg, p.changes) for n, p in plans.items()}, work_dir,
                       args.trust_checkpoint)
     lock = None

@@ -78,18 +78,30 @@ def class_record(record, cls, folder=None):
     return sub
 
 
-def class_config(plan, folder):
+def class_config(plan, folder, override=False):
     """The config a class runs under and the changes it undergoes. A class keeps its own
     config (it may have been resumed alone, with an override) unless the sweep's config is
     changed now; the change then applies to every class, each diffed against its own config
-    (a class trained to 3 epochs goes 3 -> 2, not the sweep's 1 -> 2)."""
+    (a class trained to 3 epochs goes 3 -> 2, not the sweep's 1 -> 2). A hand edit of the
+    class's config.yaml is such a change too: refused unless ``override``, then recorded."""
     from tools._common import load_run_config
-    from utils.run_record import config_diff
+    from utils.run_record import config_diff, format_changes, hand_edit, read_record
 
     if not plan.existing or not (folder / "config.yaml").is_file():
         return plan.cfg, []
     own = load_run_config(folder)
-    return (plan.cfg, config_diff(own, plan.cfg)) if plan.changes else (own, [])
+    edited = hand_edit(folder, read_record(folder) or {})
+    base = edited[0] if edited else own  # the config the class's run.json recorded
+    if plan.changes:
+        return plan.cfg, config_diff(base, plan.cfg)
+    by_hand = config_diff(base, own) if edited else []
+    if by_hand and not override:
+        raise UserError(f"{folder / 'config.yaml'} was edited by hand since "
+                        f"{folder / 'run.json'} recorded it; refused, so that the class's "
+                        f"numbers keep meaning what its record says. Changed:\n"
+                        f"{format_changes(by_hand)}\nUndo the edit, or add --override to "
+                        f"accept it (recorded in {folder / 'run.json'})")
+    return own, by_hand
 
 
 def refuse_shortening(jobs, work_dir, trusted):
@@ -120,6 +132,7 @@ def run(args):
 
 
 def _run(args, device):
+    from datasets.manifest import check_class_name
     from tools._common import dataset_classes, evaluation_dir, plan_existing_run, plan_new_run
     from utils import distributed as du
     from utils.config import save_config
@@ -132,6 +145,8 @@ def _run(args, device):
         action = "--evaluate" if args.evaluate else "--resume"
         plan = plan_existing_run(args, "train_per_class", action)
         classes = list(plan.record.get("classes") or dataset_classes(plan.cfg))
+        for cls in classes:  # each becomes a folder: a path there must not lead outside
+            check_class_name(cls, f"{plan.work_dir / 'run.json'}: class")
         if args.classes:  # a subset of the sweep's own classes, not a change of its config
             unknown = [c for c in args.classes if c not in classes]
             if unknown:
@@ -143,7 +158,7 @@ def _run(args, device):
         classes = dataset_classes(plan.cfg)  # checks the data before any folder exists
         plan.record["classes"] = classes
     work_dir = plan.work_dir
-    jobs = {cls: class_config(plan, work_dir / cls) for cls in classes}
+    jobs = {cls: class_config(plan, work_dir / cls, args.override) for cls in classes}
     if args.resume:
         refuse_shortening(jobs, work_dir, args.trust_checkpoint)
     out_dir = evaluation_dir(work_dir, "per-class") if args.evaluate else work_dir

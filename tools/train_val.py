@@ -104,7 +104,11 @@ def _run(args, device, tool, classes=None):
         return 0
     trainer = Trainer(p.cfg, p.work_dir, device, class_name=class_name, progress=progress,
                       record=p.record, changes=p.changes)
-    if args.resume:
+    if args.resume and not (p.work_dir / "checkpoints" / "last.pth").is_file():
+        # stopped before its first checkpoint (a signal or a crash in stage one): nothing was
+        # kept, so the run starts over; a new run into its folder is refused
+        trainer.logger.info(f"{p.work_dir} holds no checkpoint yet: the run starts from epoch 0")
+    elif args.resume:
         try:
             trainer.resume(trusted=args.trust_checkpoint)
         except BaseException:

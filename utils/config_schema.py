@@ -3,6 +3,7 @@
 UniAD's own keys are accepted (so its configs load), plus DualMem's additions. ``"*"`` marks a
 mapping with free keys. ``net[*].kwargs`` is checked later against the module's constructor.
 """
+import math
 
 
 class _AnyT:
@@ -51,6 +52,8 @@ class Bounded:
         if isinstance(value, bool) or not isinstance(value, kinds):
             return f"must be {'int' if self.integer else 'a number'}, got " \
                    f"{type(value).__name__} {value!r}"
+        if isinstance(value, float) and not math.isfinite(value):  # inf passes any ge/gt
+            return f"must be a finite number, got {value!r}"
         ok = ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt) and
               (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
         return None if ok else f"must be {self!r}, got {value!r}"
@@ -92,7 +95,7 @@ TypedKwargs = {"type": str, "kwargs": OptionalT({"*": Any})}
 OptimKwargs = {
     "type": str,
     "kwargs": OptionalT({
-        "lr": Num(ge=0), "weight_decay": Num(ge=0), "eps": Num(ge=0), "momentum": Num(ge=0),
+        "lr": Num(ge=0), "weight_decay": Num(ge=0), "eps": Num(gt=0), "momentum": Num(ge=0),
         "betas": ListOf(Num(ge=0, lt=1), length=2),
         "gamma": Num(gt=0), "eta_min": Num(ge=0), "step_size": Num(gt=0), "T_max": Num(gt=0),
         "milestones": ListOf(Int(ge=0)),
@@ -174,7 +177,7 @@ SCHEMA = {
     "criterion": ListOf({"name": str, "type": str, "kwargs": OptionalT({"*": Any})}),
     "trainer": {
         "max_epoch": Positive,
-        "clip_max_norm": OptionalT(Number),
+        "clip_max_norm": OptionalT(Num(ge=0)),  # 0: no clipping; < 0 would flip gradients
         "val_freq_epoch": Int(ge=0),  # 0: as 1
         "print_freq_step": Int(ge=0),  # 0: as 10
         "tb_freq_step": int,
@@ -209,7 +212,7 @@ SCHEMA = {
         "thresholds": OptionalT({"normal_percentile": Num(gt=0, le=100)}),
         "vis": OptionalT({
             "normalize": Choice("global", "per_image"),
-            "max_images": OptionalT(Int(ge=0)),
+            "max_images": OptionalT(Positive),  # utils/visualize.py refuses 0 (after training)
             "alpha": Fraction,
             "tensorboard_panels": Int(ge=0),
         }),

@@ -1,6 +1,7 @@
 """Checking a config against the schema (utils/config_schema.py), with each problem naming the
 key and the file or ``--opts`` entry that set it."""
 import difflib
+import math
 import os
 
 from utils.config_schema import SCHEMA, Any, Bounded, Choice, ListOf, Number, OptionalT, PathT
@@ -40,7 +41,7 @@ def origin_of(origins, where, default=None):
 
 def _type_name(spec):
     if spec is Number:
-        return "a number"
+        return "a finite number"
     if isinstance(spec, type):
         return spec.__name__
     if isinstance(spec, dict):
@@ -120,8 +121,9 @@ def _check(value, spec, where, errors):
 
 
 def _matches(value, spec):
-    if spec is float or spec is Number:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if spec is float or spec is Number:  # nan/inf (".nan", ".inf" in YAML) are no setting
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            isinstance(value, int) or math.isfinite(value))
     if spec is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(spec, type):

@@ -323,15 +323,15 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
         n_train = sum(p.numel() for p in self.model.trainable_parameters())
         log.info(f"trainable parameters: {n_train / 1e6:.2f} M")
         t0 = time.time()
-        if self.start_epoch == 0 and self.start_step == 0:
-            self.prepare_modules()
         handlers = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 handlers[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread: leave signals alone
                 pass
-        try:
+        try:  # a stop in stage one is kept: the first step's checkpoint holds what it built
+            if self.start_epoch == 0 and self.start_step == 0:
+                self.prepare_modules()
             return self._fit_epochs(t0)
         finally:
             for sig, handler in handlers.items():
