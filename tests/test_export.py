@@ -1,5 +1,6 @@
-"""tools/export.py (ONNX / TorchScript with a sidecar, refused unless it reproduces the eager
-model) and utils/detector.py (load_detector(...).predict(...), run_exported)."""
+"""tools/export.py and utils/exporting.py (ONNX / TorchScript with a sidecar, refused unless it
+reproduces the eager model: utils/export_parity.py) and utils/detector.py
+(load_detector(...).predict(...), run_exported)."""
 import csv
 import json
 import re
@@ -15,6 +16,9 @@ from conftest import ROOT, synthetic_dataset, tiny_dmad_net, tiny_net
 from models.model_builder import ModelHelper
 from tools import export, predict, train_val
 from utils import detector as det
+from utils import export_parity as parity
+from utils import exporting
+from utils.exported_model import FORMATS
 from utils.metrics import image_score_from_map
 
 KINDS = ("uniad", "dumenet", "dmad")
@@ -50,7 +54,7 @@ def random_model(kind, size=64):
                                               ("mean", 16), ("std", 16), ("topk", 16)])
 def test_image_score_in_the_graph_equals_the_metric(reduction, kernel):
     maps = torch.rand(3, 40, 48, generator=torch.Generator().manual_seed(2)) ** 4
-    ours = export.image_score_graph(maps, reduction, kernel, topk=0.013).numpy()
+    ours = exporting.image_score_graph(maps, reduction, kernel, topk=0.013).numpy()
     ref = image_score_from_map(maps.numpy(), reduction, kernel, topk=0.013)
     np.testing.assert_allclose(ours, ref, rtol=1e-5)
 
@@ -58,14 +62,14 @@ def test_image_score_in_the_graph_equals_the_metric(reduction, kernel):
 def test_compare_reports_rank_changes_but_not_ties():
     names = ["a", "b", "c"]
     maps = np.ones((3, 4, 4), np.float32)
-    same = export.compare(names, maps, [1.0, 2.0, 3.0], maps, [1.0, 2.0, 3.0])
+    same = parity.compare(names, maps, [1.0, 2.0, 3.0], maps, [1.0, 2.0, 3.0])
     assert not same["fail"] and same["rank_changes"] == 0
-    tie = export.compare(names, maps, [1.0, 1.0 + 1e-9, 3.0], maps, [1.0 + 2e-9, 1.0, 3.0])
+    tie = parity.compare(names, maps, [1.0, 1.0 + 1e-9, 3.0], maps, [1.0 + 2e-9, 1.0, 3.0])
     assert not tie["fail"]
-    flipped = export.compare(names, maps, [1.0, 1.1, 3.0], maps, [1.1, 1.0, 3.0])
+    flipped = parity.compare(names, maps, [1.0, 1.1, 3.0], maps, [1.1, 1.0, 3.0])
     assert flipped["rank_changes"] == 1 and flipped["suspects"] == [0, 1]
     assert flipped["fail"][0].startswith("rank  a scored below b"), flipped["fail"]
-    off = export.compare(names, maps, [1.0, 2.0, 3.0], maps * 1.001, [1.0, 2.0, 3.0])
+    off = parity.compare(names, maps, [1.0, 2.0, 3.0], maps * 1.001, [1.0, 2.0, 3.0])
     assert [line.split()[0] for line in off["fail"]] == ["map"] * 3
 
 
@@ -76,11 +80,11 @@ def test_compare_tolerates_only_what_the_eager_model_does_itself():
     maps = np.ones((2, 4, 4))
     off = maps.copy()
     off[:, 0, 0] += 2e-4
-    res = export.compare(names, maps, [1.0, 2.0], off, [1.0, 2.0],
+    res = parity.compare(names, maps, [1.0, 2.0], off, [1.0, 2.0],
                          noise=(np.array([1.5e-4, 1e-6]), np.zeros(2)))
     assert len(res["tolerated"]) == 1 and "a" in res["tolerated"][0]
     assert len(res["fail"]) == 1 and res["fail"][0].endswith("b (eager itself: 1.0e-06)")
-    res = export.compare(names, maps, [1.0, 1.1], maps, [1.1, 1.0],
+    res = parity.compare(names, maps, [1.0, 1.1], maps, [1.1, 1.0],
                          noise=(np.zeros(2), np.array([0.06, 0.06])))
     assert not res["fail"] and res["rank_changes"] == 1 and res["tolerated"]
 
@@ -88,14 +92,32 @@ def test_compare_tolerates_only_what_the_eager_model_does_itself():
 def test_config_hash_is_canonical():
     a = {"x": 1, "net": [{"type": "A", "kwargs": {"p": 1.5, "q": None}}]}
     b = {"net": [{"kwargs": {"q": None, "p": 1.5}, "type": "A"}], "x": 1}
-    assert export.config_sha256(a) == export.config_sha256(b)
-    assert export.config_sha256(a) != export.config_sha256({**a, "x": 2})
+    assert exporting.config_sha256(a) == exporting.config_sha256(b)
+    assert exporting.config_sha256(a) != exporting.config_sha256({**a, "x": 2})
 
 
-def test_predict_uses_the_detector_decider_and_loader():
-    assert predict.Decider is det.Decider
-    assert predict.load_model is det.load_model
-    assert predict.offline_net is det.offline_net
+def test_one_inference_path():
+    """Run the model, reduce to an image score, decide: each step is written once (issue #28).
+    A model's output becomes a map only in utils.inference.forward_maps (evaluation, the
+    Detector, predict.py, the exporter's reference and graph call it); the score reduction is
+    called by the Detector and evaluation only; a verdict is made only by Decider.judge. The
+    tools are thin command lines over library modules (benchmarks time the raw forward)."""
+    files = {p.relative_to(ROOT).as_posix(): p.read_text(encoding="utf-8")
+             for p in [*(ROOT / "utils").glob("*.py"), *(ROOT / "tools").glob("*.py")]
+             if not p.name.startswith(("benchmark", "_bench"))}
+
+    def where(pattern):
+        return sorted(f for f, text in files.items() if re.search(pattern, text))
+
+    assert where(r'\)\["pred"\]') == ["utils/inference.py"]
+    assert where(r"torch\.autocast\(") == ["utils/inference.py"]
+    assert where(r"(?<!def )(?<!metrics\.)image_score_from_map\(") == \
+        ["utils/detector.py", "utils/evaluator.py"]
+    assert where(r">= image_t\b") == ["utils/detector.py"]
+    for tool in ("tools/predict.py", "tools/export.py"):
+        text = files[tool]
+        assert len(text.splitlines()) < 150, tool
+        assert set(re.findall(r"^\s*from (tools\.\w+) import", text, re.M)) <= {"tools._common"}
 
 
 @pytest.mark.parametrize("resize", ["cv2_linear", "antialias"])
@@ -124,10 +146,10 @@ def test_preprocess_is_the_training_datasets(tmp_path, resize):
 @pytest.mark.parametrize("kind", KINDS)
 def test_exported_graph_matches_eager_for_any_batch(tmp_path, kind, fmt):
     model = random_model(kind)
-    graph = export.ExportGraph(export.exportable_copy(model), {"reduction": "max", "kernel": 8})
-    path = tmp_path / f"m{export.FORMATS[fmt]}"
+    graph = exporting.ExportGraph(exporting.exportable_copy(model), {"reduction": "max", "kernel": 8})
+    path = tmp_path / f"m{FORMATS[fmt][0]}"
     gen = torch.Generator().manual_seed(3)
-    export.write_exported(graph, torch.randn(2, 3, 64, 64, generator=gen), fmt, path)
+    exporting.write_exported(graph, torch.randn(2, 3, 64, 64, generator=gen), fmt, path)
     spec = det.InputSpec((64, 64), (0.5,) * 3, (0.25,) * 3)
     meta = {"format": fmt, "preprocessing": spec.to_dict()}
     runner = det.ExportedModel(path, meta)
@@ -214,13 +236,13 @@ def test_export_reproduces_predict_and_the_detector(runs, data_root, tmp_path, k
     results = detector.predict([str(p) for p in files])
     np.testing.assert_allclose([r.score for r in results], ref, rtol=1e-6)
 
-    for fmt, ext in export.FORMATS.items():
+    for fmt, (ext, _, _) in FORMATS.items():
         out = tmp_path / f"model{ext}"
         assert export.main(["--work_dir", str(run), "--format", fmt, "--output", str(out)]) == 0
         assert "score order unchanged" in capsys.readouterr().out
         meta = json.loads(det.sidecar_path(out).read_text())
         assert meta["format"] == fmt and meta["file"] == out.name
-        assert meta["onnx_opset"] == (export.ONNX_OPSET if fmt == "onnx" else None)
+        assert meta["onnx_opset"] == (exporting.ONNX_OPSET if fmt == "onnx" else None)
         pre = meta["preprocessing"]
         assert pre["input_size"] == [64, 64] and pre["resize"] == "antialias"
         assert pre["pixel_mean"] == pytest.approx(list(state["pixel_mean"]))
@@ -232,7 +254,7 @@ def test_export_reproduces_predict_and_the_detector(runs, data_root, tmp_path, k
         assert meta["image_score"]["in_graph"] is True
         assert meta["image_score"]["reduction"] == {"uniad": "max", "dumenet": "max",
                                                     "dmad": "topk"}[kind]
-        assert meta["config_sha256"] == export.config_sha256(state["config"])
+        assert meta["config_sha256"] == exporting.config_sha256(state["config"])
         assert meta["dualmem_version"] and meta["parity"]["limits"]["map_rel"] == 1e-4
         maps, scores = det.run_exported(out, [str(p) for p in files])
         assert maps.shape == (len(files), 64, 64)
@@ -244,28 +266,28 @@ def test_export_reproduces_predict_and_the_detector(runs, data_root, tmp_path, k
 
 @pytest.mark.slow
 @pytest.mark.parametrize("breakage", ["sidecar_mean", "graph"])
-@pytest.mark.parametrize("fmt", sorted(export.FORMATS))
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_export_refuses_a_model_that_differs(runs, tmp_path, monkeypatch, capsys, breakage,
                                              fmt):
     run = runs("uniad")
     if breakage == "sidecar_mean":  # the graph is right, the preprocessing it documents is not
-        real = export.sidecar_preprocessing
+        real = exporting.sidecar_preprocessing
 
         def shifted(spec):
             d = real(spec)
             d["pixel_mean"] = [m + 0.05 for m in d["pixel_mean"]]
             return d
 
-        monkeypatch.setattr(export, "sidecar_preprocessing", shifted)
+        monkeypatch.setattr(exporting, "sidecar_preprocessing", shifted)
     else:  # a graph whose maps are 0.1 % off
-        real_forward = export.ExportGraph.forward
+        real_forward = exporting.ExportGraph.forward
 
         def scaled(self, image):
             maps, scores = real_forward(self, image)
             return maps * 1.001, scores
 
-        monkeypatch.setattr(export.ExportGraph, "forward", scaled)
-    out = tmp_path / "sub" / f"model{export.FORMATS[fmt]}"
+        monkeypatch.setattr(exporting.ExportGraph, "forward", scaled)
+    out = tmp_path / "sub" / f"model{FORMATS[fmt][0]}"
     assert export.main(["--work_dir", str(run), "--format", fmt, "--output", str(out)]) == 1
     err = capsys.readouterr().err
     assert "nothing written" in err and "map " in err, err

@@ -20,6 +20,8 @@ import torch
 from conftest import ROOT
 from tools import export, predict, train_val
 from utils import detector as det
+from utils import export_parity as parity
+from utils.exported_model import FORMATS
 
 DEMO = ROOT / "experiments" / "demo"
 CONFIGS = {"uniad": "config.yaml", "dumenet": "dumenet.yaml", "dmad": "dmad.yaml"}
@@ -69,16 +71,13 @@ def read_scores(path):
 
 
 def allowed_tie_noise(run, paths, idx):
-    """The exporter's one allowance (tools/export.py compare): a score may be off by up to
-    twice what the eager model itself moves when its input moves by float32 rounding (a k-NN
+    """The exporter's one allowance (utils/export_parity.py compare): a score may be off by up
+    to twice what the eager model itself moves when its input moves by float32 rounding (a k-NN
     near-tie), measured as the exporter does (``eager_noise``, same eps, trials and seed)."""
     model, cfg, state = det.load_model(det.resolve_checkpoint(str(run)), torch.device("cpu"))
-    spec = det.InputSpec.from_checkpoint(cfg, state)
-    from utils.evaluator import evaluator_settings
-
-    score_cfg = dict(evaluator_settings(cfg)[1])
-    maps, scores = export.eager_outputs(model, spec, score_cfg, paths)
-    return 2 * export.eager_noise(model, spec, score_cfg, paths, maps, scores, idx)[1]
+    reference = parity.eager_reference(model, cfg, state)
+    maps, scores = parity.eager_outputs(reference, paths)
+    return 2 * parity.eager_noise(reference, paths, maps, scores, idx)[1]
 
 
 @pytest.mark.slow
@@ -95,7 +94,7 @@ def test_demo_export_matches_predict(demo_tmp, tmp_path, kind, capsys):
     paths = [str(inp / r) for r in rels]
     scale = max(float(np.abs(ref).max()), 1e-12)
 
-    for fmt, ext in export.FORMATS.items():
+    for fmt, (ext, _, _) in FORMATS.items():
         capsys.readouterr()
         code = export.main(["--work_dir", str(run), "--format", fmt, "--device", "cpu",
                             "--max_images", "16"])

@@ -12,17 +12,23 @@ thresholds the last evaluation stored. ``predict`` takes an image file, an RGB `
 (HxWx3, or HxW grey), a list of those, or an already preprocessed batch (a float tensor
 (N, 3, H, W) or (3, H, W)); a single image gives a :class:`Prediction`, anything else a list.
 
-Thresholds (the same rule as ``tools/predict.py``, whose :class:`Decider` lives here): explicit
-``threshold`` / ``pixel_threshold`` win; else the image's class (``class_name``, or the
-checkpoint's only class); else the 'global' entry, F1-optimal over all classes pooled.
+One inference path: :meth:`Detector.results` runs the model as the run's evaluation did
+(``utils.inference.anomaly_maps``), reduces each map to an image score by the run's rule
+(``utils.metrics.image_score_from_map``) and decides by :meth:`Decider.judge`. This API,
+``tools/predict.py`` (``utils.prediction``) and the exporter's eager reference
+(``utils.export_parity``) all go through it.
+
+Thresholds (:class:`Decider`): explicit ``threshold`` / ``pixel_threshold`` win; else the
+image's class (``class_name``, or the checkpoint's only class); else the 'global' entry,
+F1-optimal over all classes pooled.
 
 Preprocessing: :func:`preprocess` is the one path from a file or array to the model's input,
 used by this module, ``tools/predict.py`` and the runner of exported models
-(:func:`run_exported`): ``datasets.image_io.read_image`` -> ``datasets.image_io.model_input`` (resize by the config's
-``dataset.resize``, a config without the key having been trained with ``cv2_linear``; then the
-checkpoint's pixel mean/std), the very function the training dataset calls.
+(``utils.exported_model.run_exported``, re-exported here): ``datasets.image_io.read_image`` ->
+``datasets.image_io.model_input`` (resize by the config's ``dataset.resize``, a config without
+the key having been trained with ``cv2_linear``; then the checkpoint's pixel mean/std), the very
+function the training dataset calls.
 """
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +36,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from utils.errors import UserError
-
-SIDECAR_SUFFIX = ".json"
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -154,7 +158,8 @@ def preprocess(image, spec):
     return model_input(image, spec.input_size, spec.resize, spec.pixel_mean, spec.pixel_std)[0]
 
 
-def _is_image_array(x):
+def is_image_array(x):
+    """An HxW or HxWx(1|3) array: one image, not a list of them."""
     return isinstance(x, np.ndarray) and (x.ndim == 2 or (x.ndim == 3 and x.shape[2] in (1, 3)))
 
 
@@ -170,7 +175,7 @@ def as_batch(images, spec):
             raise UserError(f"a preprocessed batch must be (N, 3, {spec.input_size[0]}, "
                              f"{spec.input_size[1]}) or (3, H, W), got {tuple(images.shape)}")
         return x, [None] * len(x), [None] * len(x), single
-    single = isinstance(images, (str, os.PathLike)) or _is_image_array(images)
+    single = isinstance(images, (str, os.PathLike)) or is_image_array(images)
     items = [images] if single else list(images)
     if not items:
         raise UserError("no images given")
@@ -179,7 +184,7 @@ def as_batch(images, spec):
         if isinstance(item, (str, os.PathLike)):
             sources.append(str(item))
             item = read_input(item, spec)
-        elif _is_image_array(item):
+        elif is_image_array(item):
             sources.append(None)
         else:
             raise TypeError(f"an image is a file path or an HxWx3 / HxW uint8 array, got "
@@ -213,13 +218,30 @@ class Decider:
             source = "explicit"
         return entry, source, image_t, pixel_t
 
+    def judge(self, score, anomaly_map, cls, source=None):
+        """The one decision step: an image score and its map -> a :class:`Prediction` by the
+        thresholds of ``cls`` (``score >= image threshold``, ``map >= pixel threshold``)."""
+        from utils.evaluator import normalized_score
+
+        entry, how, image_t, pixel_t = self(cls)
+        return Prediction(
+            score=float(score),
+            is_anomalous=None if image_t is None else bool(score >= image_t),
+            anomaly_map=anomaly_map,
+            mask=None if pixel_t is None else anomaly_map >= pixel_t,
+            normalized_score=normalized_score(score, entry, image_t),
+            class_name=cls, threshold_from=how, image_threshold=image_t,
+            pixel_threshold=pixel_t, source=source,
+            map_range=(entry.get("map_min"), entry.get("map_max")))
+
 
 @dataclass
 class Prediction:
     """One image's result. ``anomaly_map`` (float32) and ``mask`` (bool, ``map >= pixel
     threshold``; None without one) are at the image's own size for files and arrays, at the
     model's input size for preprocessed tensors. ``is_anomalous``: ``score >= image
-    threshold`` (None without one); ``normalized_score`` puts that threshold at 0.5."""
+    threshold`` (None without one); ``normalized_score`` puts that threshold at 0.5.
+    ``map_range``: (min, max) of the evaluation's maps for the class (heat-map colouring)."""
     score: float
     is_anomalous: object
     anomaly_map: np.ndarray
@@ -230,6 +252,7 @@ class Prediction:
     image_threshold: object
     pixel_threshold: object
     source: object = None
+    map_range: tuple = (None, None)
 
 
 # ----------------------------------------------------------------------------- detector
@@ -237,8 +260,11 @@ class Detector:
     """A checkpoint's model, preprocessing, image-score rule and thresholds."""
 
     def __init__(self, model, cfg, state, device, checkpoint=None, threshold=None,
-                 pixel_threshold=None):
+                 pixel_threshold=None, inference=None):
+        """``inference``: how to run the model (``utils.inference`` settings); default: as the
+        checkpoint's evaluation ran it. ``utils.inference.FLOAT32`` is the exporter's."""
         from utils.evaluator import evaluator_settings
+        from utils.inference import settings_of
 
         self.model, self.cfg, self.device = model, cfg, device
         self.checkpoint = checkpoint
@@ -248,9 +274,8 @@ class Detector:
         self.spec = InputSpec.from_checkpoint(cfg, state)
         self.score_cfg = dict(evaluator_settings(cfg)[1])
         self.threshold, self.pixel_threshold = threshold, pixel_threshold
-        from utils.inference import settings_of
-
-        self.inference = settings_of(state, cfg)  # how its evaluation ran the model
+        self.inference = dict(inference) if inference is not None else \
+            settings_of(state, cfg)  # how its evaluation ran the model
 
     def __repr__(self):
         return (f"Detector({self.checkpoint}, classes={self.classes}, "
@@ -279,37 +304,38 @@ class Detector:
 
         return image_score_from_map(maps, **self.score_cfg)
 
+    def results(self, batch, classes, sizes=None, sources=None, threshold=None,
+                pixel_threshold=None):
+        """Run the model, reduce to image scores, decide: a preprocessed (N, 3, H, W) batch ->
+        one :class:`Prediction` per image, judged by the thresholds of ``classes[i]``, its map
+        resized to ``sizes[i]`` (h, w) where one is given (bilinear)."""
+        import cv2
+
+        threshold = self.threshold if threshold is None else threshold
+        pixel_threshold = self.pixel_threshold if pixel_threshold is None else pixel_threshold
+        decide = Decider(self.thresholds, threshold, pixel_threshold)
+        maps = self.anomaly_maps(batch)
+        out = []
+        for i, (amap, score) in enumerate(zip(maps, self.scores(maps))):
+            hw = sizes[i] if sizes else None
+            if hw is not None and tuple(hw) != amap.shape:
+                amap = cv2.resize(amap, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
+            out.append(decide.judge(score, amap, classes[i], sources[i] if sources else None))
+        return out
+
     def predict(self, images, class_name=None, threshold=None, pixel_threshold=None,
                 batch_size=8):
         """Score, anomaly map, mask and verdict for one image (a :class:`Prediction`) or for a
         list / batch (a list of them); see the module doc for what ``images`` may be."""
-        import cv2
-
-        from utils.evaluator import normalized_score
-
         cls = self.class_for(class_name)
-        threshold = self.threshold if threshold is None else threshold
-        pixel_threshold = self.pixel_threshold if pixel_threshold is None else pixel_threshold
-        entry, source, image_t, pixel_t = Decider(self.thresholds, threshold,
-                                                  pixel_threshold)(cls)
         out, single = [], False
         chunks = [images] if torch.is_tensor(images) or isinstance(images, (str, os.PathLike)) \
-            or _is_image_array(images) else \
+            or is_image_array(images) else \
             [list(images)[i:i + batch_size] for i in range(0, len(images), batch_size)]
         for chunk in chunks:
             batch, sizes, sources, single = as_batch(chunk, self.spec)
-            maps = self.anomaly_maps(batch)
-            for amap, score, hw, src in zip(maps, self.scores(maps), sizes, sources):
-                if hw is not None and tuple(hw) != amap.shape:
-                    amap = cv2.resize(amap, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
-                out.append(Prediction(
-                    score=float(score),
-                    is_anomalous=None if image_t is None else bool(score >= image_t),
-                    anomaly_map=amap,
-                    mask=None if pixel_t is None else amap >= pixel_t,
-                    normalized_score=normalized_score(score, entry, image_t),
-                    class_name=cls, threshold_from=source, image_threshold=image_t,
-                    pixel_threshold=pixel_t, source=src))
+            out += self.results(batch, [cls] * len(batch), sizes, sources, threshold,
+                                pixel_threshold)
         return out[0] if single and len(out) == 1 else out
 
 
@@ -327,68 +353,5 @@ def load_detector(run_or_checkpoint, checkpoint=None, device="cpu", trusted=Fals
                     pixel_threshold=pixel_threshold)
 
 
-# ----------------------------------------------------------------------------- exported models
-def sidecar_path(path):
-    """``model.onnx`` -> ``model.onnx.json``: what is needed around the exported graph."""
-    return Path(str(path) + SIDECAR_SUFFIX)
-
-
-class ExportedModel:
-    """An exported file (ONNX via ONNX Runtime, TorchScript via ``torch.jit.load``) with its
-    sidecar: (N, 3, H, W) float32 -> (maps (N, H, W), image scores (N,))."""
-
-    def __init__(self, path, meta=None):
-        self.path = Path(path)
-        if meta is None:
-            side = sidecar_path(self.path)
-            if not side.is_file():
-                raise FileNotFoundError(f"{side} not found: the sidecar written by "
-                                        f"tools/export.py beside {self.path}")
-            meta = json.loads(side.read_text(encoding="utf-8"))
-        self.meta = meta
-        self.spec = InputSpec.from_dict(meta["preprocessing"])
-        self.format = meta["format"]
-        if self.format == "onnx":
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            threads = torch.get_num_threads()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.log_severity_level = 3  # errors only: no shape-inference notes on stderr
-            self.session = ort.InferenceSession(str(self.path), options,
-                                                providers=["CPUExecutionProvider"])
-        elif self.format == "torchscript":
-            import warnings
-
-            with warnings.catch_warnings():  # torch >= 2.10 calls TorchScript deprecated
-                warnings.simplefilter("ignore", FutureWarning)
-                self.module = torch.jit.load(str(self.path), map_location="cpu").eval()
-        else:
-            raise UserError(f"{self.path}: unknown exported format {self.format!r}")
-
-    def __call__(self, batch):
-        x = batch.detach().float().cpu().contiguous() if torch.is_tensor(batch) else \
-            torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-        if self.format == "onnx":
-            maps, scores = self.session.run(["anomaly_map", "score"], {"image": x.numpy()})
-            return maps, scores
-        with torch.no_grad():
-            maps, scores = self.module(x)
-        return maps.numpy(), scores.numpy()
-
-
-def run_exported(path, images, batch_size=8):
-    """Run an exported model on image files / arrays (preprocessed by :func:`preprocess` with
-    the sidecar's size, resize method and normalisation) or on a preprocessed batch:
-    (maps (N, H, W) at the input size, scores (N,)) as numpy arrays."""
-    model = path if isinstance(path, ExportedModel) else ExportedModel(path)
-    if torch.is_tensor(images) or isinstance(images, np.ndarray) and images.ndim == 4:
-        batches = [images]
-    else:
-        items = [images] if isinstance(images, (str, os.PathLike)) or \
-            _is_image_array(images) else list(images)
-        batches = [as_batch(items[i:i + batch_size], model.spec)[0]
-                   for i in range(0, len(items), batch_size)]
-    maps, scores = zip(*(model(b) for b in batches))
-    return np.concatenate(maps), np.concatenate(scores)
+# exported models: the runner lives in utils.exported_model (README and older code import it here)
+from utils.exported_model import ExportedModel, run_exported, sidecar_path  # noqa: E402,F401

@@ -5,13 +5,18 @@ feature cache (float32, or float16 with ``trainer.feature_cache_dtype``), and ru
 under autocast (``trainer.amp``). Running the whole model under autocast instead gives other
 scores (5e-3 relative in bf16, enough to flip verdicts at the stored thresholds), so the
 checkpoint records how its evaluation ran (``state["inference"]``) and every consumer of a
-checkpoint (``utils.detector``, ``tools/predict.py``) goes through :func:`anomaly_maps`.
+checkpoint (``utils.detector.Detector``, and through it ``tools/predict.py`` and the exporter's
+reference) goes through :func:`anomaly_maps`. :func:`forward_maps` is the one step from a
+model's output to a map: evaluation (``utils.evaluator.run_inference``, on images or cached
+features) and :func:`anomaly_maps` both call it, so autocast and the map's dtype cannot drift.
 """
 import torch
 
 from utils.misc import amp_dtype_for
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# the whole model on images in float32: what an exported graph computes (its parity reference)
+FLOAT32 = {"amp": False, "prefix_modules": 0, "prefix_dtype": None}
 
 
 def inference_settings(cfg, cached_prefix):
@@ -41,6 +46,15 @@ def describe(settings):
             f"under autocast {amp}")
 
 
+def forward_maps(net, inputs, amp_dtype, device):
+    """``net(inputs)["pred"]`` under autocast ``amp_dtype`` (None: off) -> channel 0 as
+    (N, H, W) float32 maps, on ``device``. ``inputs`` holds images or cached prefix outputs."""
+    enabled = amp_dtype is not None
+    with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=enabled):
+        pred = net(inputs)["pred"]
+    return pred[:, 0].float()
+
+
 @torch.no_grad()
 def anomaly_maps(model, images, settings, device):
     """(N, 3, H, W) preprocessed images -> (N, H, W) float32 maps on the CPU."""
@@ -49,15 +63,12 @@ def anomaly_maps(model, images, settings, device):
     model.eval()
     x = images.to(device)
     n = int(settings.get("prefix_modules") or 0)
-    if n:
-        dtype = DTYPES[settings.get("prefix_dtype") or "float32"]
-        # as utils.engine.feature_cache builds and stores the prefix outputs
-        out = model.prefix_outputs(x, n)
-        inputs = {k: v.to(dtype) for k, v in out.items()
-                  if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == len(x)}
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            pred = model(inputs, start=n)["pred"]
-    else:
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            pred = model({"image": x})["pred"]
-    return pred[:, 0].float().cpu().numpy()
+    if not n:
+        return forward_maps(model, {"image": x}, amp, device).cpu().numpy()
+    dtype = DTYPES[settings.get("prefix_dtype") or "float32"]
+    # as utils.engine.feature_cache builds, stores (in dtype) and reads back (float32) the
+    # prefix outputs
+    out = model.prefix_outputs(x, n)
+    inputs = {k: v.to(dtype).float() for k, v in out.items()
+              if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == len(x)}
+    return forward_maps(lambda d: model(d, start=n), inputs, amp, device).cpu().numpy()
