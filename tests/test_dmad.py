@@ -569,7 +569,9 @@ def test_dmad_experiment_configs_load_and_lite_builds():
     cfg = load_config(ROOT / "experiments" / "MVTec-AD" / "dmad" / "lite_semi_5.yaml")
     model = ModelHelper(cfg.net, input_size=cfg.dataset.input_size)
     assert model.frozen_prefix == ["backbone", "neck"]
-    assert model.head.dim == 152 and model.head.knowledge_dim() == 2  # the two distances
+    # the two distances and the nearest labelled-anomaly memory's; the corrected score
+    assert model.head.dim == 152 and model.head.knowledge_dim() == 3
+    assert model.head.score == "normal_plus_correction"
     # the authors' variant on their features: WRN50 layer2 + layer3 = 1536 dims, MLP 3C -> 1024
     cfg = load_config(ROOT / "experiments" / "MVTec-AD" / "dmad" / "reference_semi_5.yaml",
                       ["net.0.kwargs.pretrained=false"])

@@ -6,7 +6,8 @@ import pytest
 from easydict import EasyDict
 
 from conftest import ROOT
-from tools._common import add_data_args, add_run_args, apply_data_args
+from tools._common import add_data_args, add_run_args
+from utils.run_plan import apply_data_args
 from utils.config import ConfigError, load_config
 
 EXP = ROOT / "experiments"
@@ -91,6 +92,44 @@ def test_apply_data_args(tmp_path):
     assert cfg.dataset.type == "ader"
 
 
+def test_tools_are_arguments_plus_one_call():
+    """A run's lifecycle is library logic (utils/run_plan.py, utils/per_class.py,
+    utils/sweep.py, utils/engine/runs.py): no tool imports another tool, the training tools
+    take only argument and launch helpers from tools/_common.py, and tests import the moved
+    functions from their new home."""
+    import ast
+
+    from conftest import ROOT
+
+    cli = {"add_config_arg", "add_data_args", "add_device_args", "add_run_args",
+           "add_trust_arg", "apply_device_args", "apply_trust_args", "check_run_flags",
+           "launch", "run_main", "warn_if_busy"}
+
+    def imported(text):
+        """{tools module: names} this source imports (``from tools import x``: 'tools.x')."""
+        found = {}
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tools":
+                for alias in node.names:
+                    module = node.module if node.module != "tools" else f"tools.{alias.name}"
+                    found.setdefault(module, set()).add(alias.name)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] == "tools":
+                        found.setdefault(alias.name, set())
+        return found
+
+    for path in (ROOT / "tools").glob("*.py"):
+        modules = imported(path.read_text(encoding="utf-8"))
+        assert set(modules) <= {"tools._common", "tools._bench"}, path.name
+        if path.stem in ("train_val", "train_unified", "train_per_class", "sweep"):
+            assert modules.get("tools._common", set()) <= cli, path.name
+            assert len(path.read_text(encoding="utf-8").splitlines()) < 80, path.name
+    for path in (ROOT / "tests").glob("*.py"):
+        common = imported(path.read_text(encoding="utf-8")).get("tools._common", set())
+        assert common <= cli, (path.name, common - cli)
+
+
 def test_busy_cpu_note_suggests_one_thread(monkeypatch, capsys):
     import os
 
@@ -132,6 +171,12 @@ def test_configs_state_their_departures_truly(path):
         k = head.kwargs
         two = list(k.knowledge) == ["distance"] and not k.include_query
         assert ("the two distances only" in dep["knowledge"]) == two, path
+        real = "real_distance" in list(k.knowledge)
+        assert ("the nearest labelled-anomaly memory" in dep["knowledge"]) == real, path
+        corrected = k.get("score", "head") == "normal_plus_correction"
+        assert ("score" in dep) == corrected, path
+        if corrected:
+            assert f"bounded by {k.correction_bound:g} mean normal" in dep["score"], path
         assert f"{cfg.trainer.max_epoch} epochs" in dep["head_and_loss"]
     elif head.type.endswith("DMADReference"):
         assert dep["method"].startswith("the authors' code")
@@ -139,6 +184,7 @@ def test_configs_state_their_departures_truly(path):
         assert (f"noise std {noise:g}" in dep["head_and_loss"]) == (noise != 0.015), path
         assert f"{cfg.trainer.max_epoch} epochs" in dep["head_and_loss"]
         assert "centres" not in dep and "speed" not in dep and "image_score" not in dep
+        assert "score" not in dep
     elif head.type.endswith("PatchCore"):
         k, score = head.kwargs, cfg.evaluator.image_score
         assert score.reduction == "max" and score.kernel == 1 and k.reweight
