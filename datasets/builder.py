@@ -6,9 +6,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from datasets.image_io import resize_method
 from datasets.manifest import read_manifest
 from datasets.manifest_dataset import Augment, ManifestDataset
+from utils.config_defaults import input_settings
 from utils.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -152,16 +152,20 @@ def build_datasets(cfg, pixel_mean, pixel_std, class_name=None):
     train_records, test_records, seen = apply_seen_anomalies(ds, train_records, test_records,
                                                              data_roots(cfg))
     refuse_scored_anomalies(train_records, test_records, image_dir)
-    color_mode = ((ds.get("image_reader") or {}).get("kwargs") or {}).get("color_mode", "RGB")
+    color_mode, resize = input_settings(cfg)
     augment = Augment(train_cfg.get("hflip", False), train_cfg.get("vflip", False),
                       train_cfg.get("rotate", False), train_cfg.get("color_jitter"))
     common = dict(image_dir=image_dir, input_size=ds.input_size, pixel_mean=pixel_mean,
-                  pixel_std=pixel_std, color_mode=color_mode, resize=resize_method(ds))
+                  pixel_std=pixel_std, color_mode=color_mode, resize=resize)
+    from datasets.holdout import hold_out_goods  # goods kept apart for thresholds (#26)
+    train_records, holdout = hold_out_goods(cfg, train_records, test_records, common,
+                                            data_roots(cfg), seed)
     train_set = ManifestDataset(train_records, augment=augment if augment.active else None,
                                 **common)
     from datasets.pseudo_anomaly import wrap_pseudo_anomalies  # dataset.train.pseudo_anomaly
     train_set = wrap_pseudo_anomalies(train_set, train_cfg.get("pseudo_anomaly"), seed)
     train_set.seen_anomalies = seen  # recorded in the results' protocol
+    train_set.holdout = holdout  # None, or datasets.holdout.HeldOut (scored, never trained)
     test_set = ManifestDataset(test_records, **common)
     return train_set, test_set, test_classes or train_classes
 

@@ -192,7 +192,7 @@ def test_opts_exponent_float_is_a_number(tree):
 
 
 def test_sweep_grid_exponent_values_are_numbers(tree):
-    from tools.sweep import parse_grid
+    from utils.sweep import parse_grid
     from utils.config import parse_override
 
     [(key, values)] = parse_grid(["trainer.optimizer.kwargs.lr=1e-4,5e-4"])
@@ -254,38 +254,108 @@ def test_saved_floats_reload_as_floats(tree, tmp_path):
     assert again.net[0].kwargs.tag == "1e5"  # a string that looks like a number stays one
 
 
-def test_one_source_of_defaults_runtime_yaml_shows_them_and_a_bare_config_gets_them(tmp_path):
+def _leaves(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _at(tree, dotted):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+# runtime.yaml keys whose left-out meaning is resolved by one function rather than DEFAULTS
+RESOLVED_ELSEWHERE = {
+    "version": "UniAD's format tag: nothing reads it",
+    "dataset.resize": "utils.config_defaults.input_settings: left out means cv2_linear",
+    "evaluator.key_metric": "utils.evaluator.evaluator_settings",
+    "evaluator.metrics": "utils.evaluator.evaluator_settings",
+    "evaluator.image_score.reduction": "utils.evaluator.evaluator_settings",
+    "evaluator.image_score.kernel": "utils.evaluator.evaluator_settings",
+}
+
+
+def test_defaults_are_runtime_yaml_both_ways_and_a_bare_config_gets_them(tmp_path):
+    """Every default is shown in configs/runtime.yaml as it is, and every value runtime.yaml
+    shows is what a config that leaves it out gets: DEFAULTS, or the one function named."""
     import yaml
 
     from conftest import ROOT
     from utils.config import load_config
-    from utils.config_defaults import DEFAULTS
+    from utils.config_defaults import DEFAULTS, input_settings
+    from utils.evaluator import evaluator_settings
 
     runtime = yaml.safe_load((ROOT / "configs" / "runtime.yaml").read_text())
-
-    def leaves(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from leaves(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    def at(tree, dotted):
-        for part in dotted.split("."):
-            tree = tree[part]
-        return tree
-
-    for key, value in leaves(DEFAULTS):
-        assert at(runtime, key) == value, key  # runtime.yaml shows every default as it is
+    defaults = dict(_leaves(DEFAULTS))
+    shown = dict(_leaves(runtime))
+    for key, value in defaults.items():
+        assert key in shown and shown[key] == value, key  # runtime.yaml shows every default
+    for key, value in shown.items():  # and every value it shows is a default
+        assert key in defaults or key in RESOLVED_ELSEWHERE, key
+        if key in defaults:
+            assert defaults[key] == value, key
     bare = tmp_path / "bare.yaml"
-    bare.write_text(yaml.safe_dump({"dataset": {"type": "explicit", "input_size": [64, 64]},
-                                    "net": []}))
+    bare.write_text(yaml.safe_dump({"net": []}))
     cfg = load_config(bare, validate=False)
-    for key, value in leaves(DEFAULTS):
-        assert at(cfg, key) == value, key
+    for key, value in defaults.items():
+        assert _at(cfg, key) == value, key
+    metrics, score, key_metric = evaluator_settings(cfg)
+    ev = runtime["evaluator"]
+    assert (metrics, key_metric) == (ev["metrics"], ev["key_metric"])
+    assert {k: score[k] for k in ev["image_score"]} == ev["image_score"]
+    assert input_settings(cfg) == ("RGB", "cv2_linear")  # a config from before the key
+    assert input_settings(load_config(ROOT / "configs" / "runtime.yaml", validate=False)) \
+        == ("RGB", "antialias")
     # a config's own value wins
     cfg = load_config(bare, ["trainer.max_epoch=3"], validate=False)
     assert cfg.trainer.max_epoch == 3 and cfg.trainer.val_freq_epoch == 10
+
+
+def test_defaults_fill_sections_and_give_typed_blocks_whole(tmp_path):
+    """Sections merge key by key (a pil reader gets the default colour order); an optimizer or
+    schedule the config gives is kept as given (its kwargs are the torch class's arguments;
+    null: no schedule), one without a type is of the default's type, and one left out is the
+    default whole."""
+    import yaml
+
+    from utils.config import load_config, to_plain
+
+    own = {"dataset": {"image_reader": {"type": "pil"}, "train": {"hflip": True}},
+           "trainer": {"optimizer": {"kwargs": {"lr": 0.5}}, "lr_scheduler": None}, "net": []}
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump(own))
+    cfg = to_plain(load_config(tmp_path / "own.yaml", validate=False))
+    assert cfg["dataset"]["image_reader"] == {"type": "pil", "kwargs": {"color_mode": "RGB"}}
+    assert cfg["dataset"]["train"] == {"hflip": True, "vflip": False, "rotate": False}
+    assert cfg["trainer"]["optimizer"] == {"type": "AdamW", "kwargs": {"lr": 0.5}}
+    assert cfg["trainer"]["lr_scheduler"] is None
+    sgd = load_config(tmp_path / "own.yaml", ["trainer.optimizer={type: SGD, kwargs: {lr: 1}}"],
+                      validate=False)
+    assert to_plain(sgd.trainer.optimizer) == {"type": "SGD", "kwargs": {"lr": 1}}
+
+
+def test_the_engine_reads_resolved_settings_without_fallbacks_of_its_own():
+    """No setting has a second default in the code: the optimizer, schedule and loss come from
+    the resolved config, and colour order and resize from input_settings alone."""
+    import re
+
+    from conftest import ROOT
+
+    detector = (ROOT / "utils/detector.py").read_text(encoding="utf-8")
+    from_checkpoint = detector[detector.index("def from_checkpoint"):
+                               detector.index("def from_dict")]  # (a sidecar's: not a config)
+    for path in ("utils/engine/builders.py", "utils/engine/trainer.py", "datasets/builder.py",
+                 "utils/detector.py"):
+        text = from_checkpoint if path == "utils/detector.py" else \
+            (ROOT / path).read_text(encoding="utf-8")
+        assert not re.search(r"get\(\"color_mode\"|get\(\"resize\"|resize_method\(", text), path
+        assert "FeatureMSELoss" not in text and "1e-4" not in text, path
+        assert not re.search(r"or \[?\{\"(type|name)\"", text), path  # a block as fallback
+    for path in ("utils/engine/trainer.py", "datasets/builder.py", "utils/detector.py"):
+        assert "input_settings(" in (ROOT / path).read_text(encoding="utf-8"), path
 
 
 def test_unused_uniad_keys_get_a_one_line_warning(tmp_path, capsys):
@@ -294,7 +364,7 @@ def test_unused_uniad_keys_get_a_one_line_warning(tmp_path, capsys):
     import yaml
 
     from conftest import ROOT
-    from tools._common import load_cfg
+    from utils.run_plan import load_cfg
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({

@@ -313,13 +313,13 @@ def test_detector_thresholds_inputs_and_outputs(runs, data_root):
     th = state["thresholds"]
     path = dataset_test_images(data_root)[0]
     pooled = detector.predict(path)
-    assert pooled.threshold_from == "global" and pooled.class_name is None
+    assert pooled.threshold_from == "global:f1(test set)" and pooled.class_name is None
     assert pooled.image_threshold == th["global"]["image_threshold"]
     assert pooled.is_anomalous == (pooled.score >= th["global"]["image_threshold"])
     assert pooled.anomaly_map.shape == (80, 80) and pooled.mask.dtype == bool
     assert np.array_equal(pooled.mask, pooled.anomaly_map >= th["global"]["pixel_threshold"])
     cls = detector.predict(str(path), class_name="weave")
-    assert cls.threshold_from == "class" and cls.class_name == "weave"
+    assert cls.threshold_from == "class:f1(test set)" and cls.class_name == "weave"
     assert cls.image_threshold == th["per_class"]["weave"]["image_threshold"]
     assert cls.score == pooled.score
     explicit = detector.predict(path, threshold=-1.0)

@@ -122,7 +122,7 @@ def test_predict_on_a_folder_reproduces_evaluate(trained, tmp_path):
     for row in rows:
         ref = evaluated[row["file"]]
         assert float(row["score"]) == pytest.approx(float(ref["score"]), abs=1e-5)
-        assert row["class"] == ref["class"] and row["threshold_from"] == "class"
+        assert row["class"] == ref["class"] and row["threshold_from"] == "class:f1(test set)"
         t = state["thresholds"]["per_class"][row["class"]]["image_threshold"]
         assert float(row["image_threshold"]) == t
         assert int(row["is_anomalous"]) == int(float(row["score"]) >= t)
@@ -174,7 +174,7 @@ def test_explicit_threshold_and_unknown_class(trained, tmp_path, capsys):
     # a single file outside any class folder: the pooled thresholds, unless --threshold
     assert run_predict("--checkpoint", ckpt, "--input", image, "--output", out) == 0
     (row,) = read_csv(out / "predictions.csv")
-    assert row["class"] == "" and row["threshold_from"] == "global"
+    assert row["class"] == "" and row["threshold_from"] == "global:f1(test set)"
     state = torch.load(ckpt, weights_only=True)
     assert float(row["image_threshold"]) == state["thresholds"]["global"]["image_threshold"]
     assert run_predict("--checkpoint", ckpt, "--input", image, "--output", out,
@@ -184,7 +184,9 @@ def test_explicit_threshold_and_unknown_class(trained, tmp_path, capsys):
     # a usage error: one line, exit 2 (it was exit 1, the status of a failed file)
     assert run_predict("--checkpoint", ckpt, "--input", image, "--output", out,
                        "--class_name", "bolt") == 2
-    assert "'bolt' has no thresholds" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'bolt' is not a class of the model in" in err and "disc, weave" in err
+    assert str(ckpt) in err and "cache" not in err  # the file the user gave, nothing internal
 
 
 @pytest.mark.slow

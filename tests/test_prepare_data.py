@@ -465,7 +465,7 @@ def tree_state(root):
 def prepare_like_the_tools(roots, classes=None, data_type="mvtec"):
     """What train_val / train_unified / train_per_class do with --data_root."""
     from datasets.builder import locate_manifests
-    from tools._common import apply_data_args
+    from utils.run_plan import apply_data_args
 
     cfg = EasyDict({"config_path": None, "dataset": {"type": "explicit"}})
     apply_data_args(cfg, [str(r) for r in roots], data_type)

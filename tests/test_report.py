@@ -3,13 +3,14 @@ real headless browser, and the TensorBoard step axis of a tiny training run.
 
 The browser test needs Chromium (Debian: ``apt-get install -y chromium``). Without it the test
 fails, saying so; DUALMEM_NO_BROWSER=1 turns that into a skip that prints the reason."""
+import base64
 import html.parser
 import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote
 
 import cv2
 import numpy as np
@@ -53,17 +54,28 @@ class RecordingWriter:
 class ImgSources(html.parser.HTMLParser):
     def __init__(self):
         super().__init__()
-        self.src = []
+        self.src, self.files = [], []
 
     def handle_starttag(self, tag, attrs):
         if tag == "img":
             self.src.append(dict(attrs).get("src"))
+            self.files.append(dict(attrs).get("data-file"))
 
 
 def img_sources(page):
+    """The full-size file each <img> stands for (``data-file``, relative to the report); the
+    pictures themselves are embedded (checked here: every src is a data: URI)."""
     p = ImgSources()
     p.feed(page)
-    return p.src
+    assert all(s and s.startswith("data:image/") for s in p.src), \
+        [s[:60] for s in p.src if not (s or "").startswith("data:image/")]
+    return p.files
+
+
+def decode_data_uri(src):
+    head, _, payload = src.partition(",")
+    assert head in ("data:image/png;base64", "data:image/jpeg;base64"), head
+    return cv2.imdecode(np.frombuffer(base64.b64decode(payload), np.uint8), cv2.IMREAD_COLOR)
 
 
 def evaluation(tmp_path, seed=0):
@@ -103,25 +115,28 @@ def browse(exe, page, tmp_path, *extra):
     return proc.stdout
 
 
-def check_report_in_browser(report, tmp_path, expected_images):
-    """Chromium renders the page; every <img> of the rendered DOM names an existing, decodable
-    file; a screenshot of the page is not blank."""
+def check_report_in_browser(report, tmp_path, expected_images, shot_name="report.png"):
+    """The page alone (copied into an empty folder, as when it is mailed) renders in
+    Chromium; every <img> of the rendered DOM is an embedded picture that decodes and names
+    the full-size file written beside the original; a screenshot of the page is not blank."""
     exe = chromium()
-    dom = browse(exe, report, tmp_path, "--dump-dom")
-    sources = img_sources(dom)
-    assert len(sources) == expected_images, (len(sources), expected_images)
-    for src in sources:
-        url = urlparse(src)
-        path = Path(unquote(url.path)) if url.scheme == "file" else report.parent / unquote(src)
-        assert path.is_file(), f"{src} -> {path} does not exist"
-        img = cv2.imread(str(path))
-        assert img is not None and img.size > 0, f"{path} does not decode"
-    shot = tmp_path / "report.png"
-    browse(exe, report, tmp_path, f"--screenshot={shot}", "--window-size=1200,1600",
+    alone = tmp_path / "mailed" / report.name
+    alone.parent.mkdir(exist_ok=True)
+    shutil.copy(report, alone)
+    dom = browse(exe, alone, tmp_path, "--dump-dom")
+    parser = ImgSources()
+    parser.feed(dom)
+    assert len(parser.src) == expected_images, (len(parser.src), expected_images)
+    for src, file in zip(parser.src, parser.files):
+        img = decode_data_uri(src)
+        assert img is not None and img.size > 0, f"the picture of {file} does not decode"
+        assert (report.parent / file).is_file(), f"{file}: no full-size file beside the report"
+    shot = tmp_path / shot_name
+    browse(exe, alone, tmp_path, f"--screenshot={shot}", "--window-size=1200,1600",
            "--hide-scrollbars")
     img = cv2.imread(str(shot))
     assert img is not None and img.std() > 5, "the screenshot of report.html is blank"
-    return sources
+    return parser.files
 
 
 # ----------------------------------------------------------------------------- fast tests

@@ -32,6 +32,8 @@ def make_config(tmp_path):
 
 
 def test_grid_parsing():
+    from utils import sweep  # the grid is library logic; tools/sweep.py parses arguments
+
     assert sweep.split_values("a,[1,2],'x,y'") == ["a", "[1,2]", "'x,y'"]
     grid = sweep.parse_grid(["net.2.kwargs.memory_mode=channel,both", "a.memory_mode=1"])
     assert grid == [("net.2.kwargs.memory_mode", ["channel", "both"]), ("a.memory_mode", ["1"])]

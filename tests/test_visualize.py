@@ -145,19 +145,27 @@ def test_roc_figure_draws_each_class_curve():
 
 
 # ----------------------------------------------------------------------------- thresholds
-def test_thresholds_f1_optimal_or_normal_percentile():
+def test_thresholds_f1_optimal_or_the_good_image_rule():
+    """A class with anomalies and masks: F1-optimal; one without anomalies: the good-image
+    rule (it replaced the undocumented normal_percentile), here on its test goods since
+    nothing was held out, named so."""
     inf = fake_inference()
-    th = compute_thresholds(inf, {"reduction": "max", "kernel": 4}, ["a", "b"], 95.0, epoch=3)
+    th = compute_thresholds(inf, {"reduction": "max", "kernel": 4}, ["a", "b"], epoch=3)
     a, b = th["per_class"]["a"], th["per_class"]["b"]
     sel_a = np.asarray(inf["clsname"]) == "a"
     assert a["image_threshold_source"] == a["pixel_threshold_source"] == "f1"
     assert a["image_threshold"] == brute_f1_threshold(inf["score"][sel_a], inf["label"][sel_a])
     assert a["pixel_threshold"] == brute_f1_threshold(inf["maps"][sel_a], inf["masks"][sel_a])
     sel_b = ~sel_a
-    assert b["image_threshold_source"] == "normal_p95"
-    assert b["image_threshold"] == pytest.approx(np.percentile(inf["score"][sel_b], 95))
-    assert b["pixel_threshold"] == pytest.approx(
-        np.percentile(inf["maps"][sel_b].astype(np.float32), 95), rel=1e-6)
+    assert b["image_threshold_source"] == "good_fpr"
+    assert b["image_rule"] == "good_fpr(1%, 5 test goods)"
+    assert b["image_threshold"] == np.nextafter(
+        np.quantile(inf["score"][sel_b], 0.99, method="inverted_cdf"), np.inf)
+    assert b["pixel_rule"] == "good_pixel_rate(0.1%, 5 test goods)"
+    assert b["pixel_threshold"] == np.nextafter(
+        np.quantile(inf["maps"][sel_b], 0.999, method="inverted_cdf"), np.float16(np.inf))
+    assert "just above their highest score" in b["image_rule_params"]["note"]  # 5 < 1 / 1%
+    assert b["image_threshold"] > inf["score"][sel_b].max()
     assert b["map_max"] == float(inf["maps"][sel_b].max())
     assert b["image_min"] == float(inf["score"][sel_b].min())
     assert th["epoch"] == 3 and th["global"]["n_images"] == len(inf["label"])

@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools._bench import PeakRSS, call_timed, timed, write_json  # noqa: E402
-from tools._common import add_data_args, add_device_args, apply_device_args, load_cfg  # noqa: E402,E501
+from tools._common import add_data_args, add_device_args, apply_device_args  # noqa: E402
+from utils.run_plan import load_cfg  # noqa: E402
 
 
 def main(argv=None):

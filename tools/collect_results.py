@@ -21,7 +21,10 @@ fingerprint of the test files, the skipped files) are columns of their own, per 
 summed for the mean; runs on other data (another copy, an image added) differ there.
 
 Protocol keys whose values differ between the rows (a key missing from some rows counts as
-differing) become columns; the shared ones are printed once as the protocol line. Rows hold
+differing) become columns; the shared ones are printed once as the protocol line. The config's
+``departures`` from its paper (sentences, often a thousand characters) are never a column nor
+in that line: a note under the table counts their distinct sets, ``--show_departures`` prints
+them there, and the JSON keeps them whole (``departures``: each set with its runs). Rows hold
 the mean over classes (``--per_class``: also one row per class). Markdown shows metrics in %
 (two decimals, ``n/a`` for undefined); CSV and JSON keep the stored fractions (empty / null).
 The figures are the reported ones (the final epoch or the evaluated checkpoint), never a
@@ -208,7 +211,8 @@ def collect(args_paths, recurse=True, per_class=False, out_dir="."):
     classes = {c for _, d in entries for c in d["protocol"].get("classes") or []}
     classes |= {c for _, d in entries for c in d["per_class"]}
     paths = Paths(out_dir, runs_folder(args_paths), classes)
-    keys = list(dict.fromkeys(k for _, d in entries for k in d["protocol"]))
+    keys = [k for k in dict.fromkeys(k for _, d in entries for k in d["protocol"])
+            if k != "departures"]  # sentences, not a column: see departure_sets
     varying = [k for k in keys
                if len({json.dumps(d["protocol"].get(k, None), sort_keys=True)
                        if k in d["protocol"] else "<missing>" for _, d in entries}) > 1]
@@ -230,7 +234,39 @@ def collect(args_paths, recurse=True, per_class=False, out_dir="."):
             rows.append({"run": label, "file": file, "class": cls, "protocol": proto,
                          "data": paths.value(cell), **{m: values.get(m) for m in metrics}})
     return {"runs_dir": paths.shown_runs_dir, "protocol": shared, "varying": varying,
-            "metrics": metrics, "data": any(r["data"] for r in rows), "rows": rows}
+            "metrics": metrics, "data": any(r["data"] for r in rows), "rows": rows,
+            "departures": departure_sets(entries, paths)}
+
+
+def departure_sets(entries, paths):
+    """The distinct ``departures`` of the runs: [{"runs": [labels], "departures": {topic:
+    sentence}}], in first-seen order; runs without any are left out."""
+    sets = {}
+    for path, d in entries:
+        dep = d["protocol"].get("departures")
+        if dep:
+            key = json.dumps(dep, sort_keys=True)
+            sets.setdefault(key, {"runs": [], "departures": paths.value(dep)})
+            sets[key]["runs"].append(paths.row(path)[0])
+    return list(sets.values())
+
+
+def departures_text(table, show=False):
+    """Below the markdown table: the departure sets (``show``), else one line counting them."""
+    sets = table.get("departures") or []
+    if not sets:
+        return []
+    if not show:
+        same = len(sets) == 1 and len(sets[0]["runs"]) == len(
+            dict.fromkeys(r["run"] for r in table["rows"]))
+        what = "the same for every run" if same else f"{len(sets)} different set(s)"
+        return [f"Departures from the papers the configs follow: {what} "
+                f"(--show_departures lists them)", ""]
+    out = ["Departures from the papers the configs follow (as their files state them):", ""]
+    for group in sets:
+        out.append(f"runs {', '.join(group['runs'])}:")
+        out += [f"- {k}: {v}" for k, v in group["departures"].items()] + [""]
+    return out
 
 
 DATA_COLUMNS = ("train", "test", "test_files", "skipped")
@@ -246,7 +282,7 @@ def _data_cells(data, csv_form=False):
             ";".join(skipped) if csv_form else str(len(skipped))]
 
 
-def to_markdown(table, per_class=False):
+def to_markdown(table, per_class=False, show_departures=False):
     from tabulate import tabulate
 
     from utils.results import protocol_line
@@ -279,6 +315,7 @@ def to_markdown(table, per_class=False):
                                  disable_numparse=True), ""]
     if skipped:
         text += ["Skipped files:", "", *skipped, ""]
+    text += departures_text(table, show_departures)
     return "\n".join(text)
 
 
@@ -314,6 +351,8 @@ def parse_args(argv=None):
                    help="one row per class as well as the mean")
     p.add_argument("--no_recurse", "--no-recurse", action="store_true",
                    help="only the results.json directly in each folder")
+    p.add_argument("--show_departures", "--show-departures", action="store_true",
+                   help="print each config's departures from its paper below the table")
     return p.parse_args(argv)
 
 
@@ -326,7 +365,8 @@ def main(argv=None):
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    texts = {"md": to_markdown(table, args.per_class), "csv": to_csv(table),
+    texts = {"md": to_markdown(table, args.per_class, args.show_departures),
+             "csv": to_csv(table),
              "json": to_json(table)}
     if not args.out:
         sys.stdout.write(texts[args.format])

@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools._common import add_config_arg, add_data_args, add_run_args, run_main  # noqa: E402
+from tools._common import (add_config_arg, add_data_args, add_run_args,  # noqa: E402
+                           check_run_flags, launch, run_main)
 
 
 def parse_args(argv=None):
@@ -42,9 +43,10 @@ def parse_args(argv=None):
 
 
 def run(args):
-    from tools import train_val
+    from utils.engine.runs import run_single
 
-    return train_val.run(args, "train_unified", classes=args.classes)
+    check_run_flags(args)
+    return launch(lambda a, device: run_single(a, device, "train_unified", a.classes), args)
 
 
 def main(argv=None):

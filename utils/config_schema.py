@@ -209,7 +209,15 @@ SCHEMA = {
             "kernel": Positive,
             "topk": Num(gt=0, le=1),
         },
-        "thresholds": OptionalT({"normal_percentile": Num(gt=0, le=100)}),
+        "thresholds": OptionalT({  # utils/thresholds.py; holdout: datasets/holdout.py
+            "image_rule": Choice("auto", "f1", "good_fpr"),
+            "false_reject_rate": Num(gt=0, lt=1),
+            "pixel_rule": Choice("auto", "f1", "good_pixel_rate", "none"),
+            "pixel_rate": Num(gt=0, lt=1),
+            "holdout": (Int(ge=1), Num(gt=0, lt=1)),  # a count, or a share of the goods
+            "holdout_min": Int(ge=1),
+            "normal_percentile": Any,  # folded into false_reject_rate: refused by name
+        }),
         "vis": OptionalT({
             "normalize": Choice("global", "per_image"),
             "max_images": OptionalT(Positive),  # utils/visualize.py refuses 0 (after training)

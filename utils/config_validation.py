@@ -235,6 +235,15 @@ def validate_config(cfg, source="config", origins=None):
             errors.append((f"net.{i}.prev", f"'net.{i}.prev': '{prev}' names no earlier module "
                                             f"(earlier: {known})"))
         names.add(name)
+    thresholds = (cfg.get("evaluator") or {}).get("thresholds") if isinstance(
+        cfg.get("evaluator"), dict) else None
+    if isinstance(thresholds, dict) and "normal_percentile" in thresholds:
+        q = thresholds["normal_percentile"]
+        rate = f"{1 - q / 100:g}" if isinstance(q, (int, float)) and 0 < q < 100 else "r"
+        errors.append(("evaluator.thresholds.normal_percentile",
+                       f"'evaluator.thresholds.normal_percentile' ({q!r}) was folded into the "
+                       f"good-image rule: write 'evaluator.thresholds.false_reject_rate: {rate}' "
+                       f"(a share in (0, 1); image_rule good_fpr, or auto without masks)"))
     frozen = cfg.get("frozen_layers")
     for layer in frozen if isinstance(frozen, list) else []:
         if isinstance(layer, str) and layer not in names:

@@ -82,29 +82,42 @@ def offline_net(net_cfg):
     return out
 
 
-def load_model(checkpoint, device, trusted=False, plugins=()):
+def load_model(checkpoint, device, trusted=False, plugins=(), expect_net=None):
     """(model in eval mode, config, checkpoint state) from a checkpoint file. The stored
     config builds only registered DualMem modules unless ``trusted`` or the module is one of
-    ``plugins`` (see :mod:`models.registry`)."""
+    ``plugins`` (see :mod:`models.registry`). A file that is not DualMem's, or (with
+    ``expect_net``, a ``net:`` list) of another method, is refused in one line saying what it
+    is and what was expected (``utils.checkpoint_kind``)."""
     from easydict import EasyDict
 
     from models import ModelHelper
     from models.registry import everything_trusted, trust_plugins
     from utils.checkpoint import CheckpointError, load_checkpoint
+    from utils.checkpoint_kind import (CheckpointKindError, describe, head_of, inspect_file,
+                                       is_dualmem, method_mismatch, not_dualmem)
 
     trust_plugins(plugins)
-    state = load_checkpoint(checkpoint, map_location="cpu", trusted=trusted)
-    if not isinstance(state.get("config"), dict) or "net" not in state["config"]:
-        raise CheckpointError(f"checkpoint {checkpoint} carries no config (state['config']); "
-                              f"it was not written by DualMem's Trainer")
+    try:
+        state = load_checkpoint(checkpoint, map_location="cpu", trusted=trusted)
+    except CheckpointError:
+        what = inspect_file(checkpoint, trusted)  # None: its own message says it best
+        if what is None:
+            raise
+        raise not_dualmem(checkpoint, what) from None
+    if not is_dualmem(state):
+        raise not_dualmem(checkpoint, describe(state))
+    mismatch = method_mismatch(checkpoint, state["config"]["net"], expect_net)
+    if mismatch:
+        raise CheckpointKindError(mismatch)
     cfg = EasyDict(state["config"])
     with everything_trusted(trusted):
         model = ModelHelper(offline_net(cfg.net), input_size=cfg.dataset.input_size,
                             frozen_layers=cfg.get("frozen_layers"))
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint {checkpoint} does not fit the model its config "
-                              f"builds: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(f"checkpoint {checkpoint} ({head_of(cfg.net)[0]}) does not fit "
+                              f"the model its own config builds (edited?): missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}")
     return model.to(device).eval(), cfg, state
 
 
@@ -121,14 +134,13 @@ class InputSpec:
 
     @classmethod
     def from_checkpoint(cls, cfg, state):
-        from datasets.image_io import resize_method
+        from utils.config_defaults import input_settings
 
         ds = cfg["dataset"]
-        reader = ((ds.get("image_reader") or {}).get("kwargs") or {})
         return cls(tuple(int(s) for s in ds["input_size"]),
                    tuple(float(v) for v in state["pixel_mean"]),
                    tuple(float(v) for v in state["pixel_std"]),
-                   reader.get("color_mode", "RGB"), resize_method(ds))
+                   *input_settings(cfg))
 
     @classmethod
     def from_dict(cls, d):
@@ -224,6 +236,9 @@ class Decider:
         from utils.evaluator import normalized_score
 
         entry, how, image_t, pixel_t = self(cls)
+        rule = entry.get("image_rule") or entry.get("image_threshold_source")
+        if how != "explicit" and rule:  # e.g. 'class:good_fpr(1%, 40 held-out goods)'
+            how = f"{how}:{rule}"
         return Prediction(
             score=float(score),
             is_anomalous=None if image_t is None else bool(score >= image_t),

@@ -1,8 +1,8 @@
-"""Inference over a test loader, per-class metrics and decision thresholds.
+"""Inference over a test loader, per-class metrics, the key metric, and the result files.
 
 Shared by training, ``--evaluate`` and ``tools/predict.py``: the thresholds and normalisation
-computed here are stored in checkpoints and ``thresholds.json`` and read back by prediction, so
-the rule that turns a score into a decision lives in one place.
+(``utils/thresholds.py``, the rules) are stored in checkpoints and ``thresholds.json`` and read
+back by prediction, so the rule that turns a score into a decision lives in one place.
 """
 import csv
 import json
@@ -14,12 +14,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.metrics import (METRIC_NAMES, compute_class_metrics, mad_of, f1_optimal_threshold,
-                           image_score_from_map, summarize)
+from utils.metrics import (METRIC_NAMES, compute_class_metrics, mad_of, image_score_from_map,
+                           summarize)
 from utils.errors import UserError
-
-THRESHOLDS_FORMAT = 1
-DEFAULT_NORMAL_PERCENTILE = 99.0
+from utils.thresholds import compute_thresholds, mask_status  # noqa: F401 (callers import it)
 
 # UniAD key_metric names -> ours
 KEY_METRIC_ALIASES = {"mean_pixel_auc": "pixel_auroc", "mean_max_auc": "image_auroc",
@@ -89,96 +87,88 @@ def run_inference(model, loader, device, score_cfg, amp_dtype=None, progress=Tru
 
 def metrics_from_inference(inf, metrics, classes=None):
     """Per-class metrics (all seven names present, None = not computed or not defined, e.g. a
-    class without anomalies, plus the class's ``mad``) and their unweighted mean + mAD."""
+    class without anomalies, plus the class's ``mad``) and their unweighted mean + mAD.
+
+    Pixel metrics count only images whose mask is a real file (``inf["has_mask"]`` when known;
+    good images are all normal): a class whose anomalous images have no mask gets None, never
+    figures against invented all-anomalous masks."""
     per_class = OrderedDict()
     clsnames = np.asarray(inf["clsname"])
+    has_mask = inf.get("has_mask")
+    need_pixels = any(m.startswith("pixel") for m in metrics)
     for cls in classes or sorted(set(inf["clsname"])):
         sel = np.flatnonzero(clsnames == cls)
         if sel.size == 0:
             continue
-        need_pixels = any(m.startswith("pixel") for m in metrics)
+        pix = sel if need_pixels else None
+        if need_pixels and has_mask is not None:
+            real = (inf["label"][sel] <= 0.5) | np.asarray(has_mask, bool)[sel]
+            pix = sel if real.all() else sel[real]
+            if not np.any(inf["label"][pix] > 0.5):
+                pix = None  # no anomalous image with a mask: no pixel metrics
         values = compute_class_metrics(
             inf["score"][sel], inf["label"][sel],
-            inf["maps"][sel] if need_pixels else None,
-            inf["masks"][sel] if need_pixels else None, metrics=metrics)
+            None if pix is None else inf["maps"][pix],
+            None if pix is None else inf["masks"][pix], metrics=metrics)
         values = {m: values.get(m) for m in METRIC_NAMES}
         values["mad"] = mad_of(values)
         per_class[cls] = values
     return per_class, summarize(per_class)
 
 
-# ----------------------------------------------------------------------------- thresholds
-def normal_percentile(cfg):
-    """``evaluator.thresholds.normal_percentile`` (default 99): the fallback threshold rule."""
-    q = ((cfg.get("evaluator") or {}).get("thresholds") or {}).get(
-        "normal_percentile", DEFAULT_NORMAL_PERCENTILE)
-    if not 0.0 < float(q) <= 100.0:
-        raise UserError(f"evaluator.thresholds.normal_percentile must be in (0, 100], got {q}")
-    return float(q)
+# ----------------------------------------------------------------------------- key metric
+IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1max")  # the fallback order
 
 
-def _threshold(values, labels, percentile):
-    """F1-optimal threshold (``score >= t`` is anomalous) when both kinds are present, else the
-    ``percentile`` of the normal values; (threshold or None, how it was chosen)."""
-    t = f1_optimal_threshold(values, labels)
-    if t is not None:
-        return t, "f1"
-    normal = np.asarray(values)[np.asarray(labels) <= 0.5]
-    if normal.size == 0:
-        return None, "unavailable"
-    return float(np.percentile(normal.astype(np.float32), percentile)), f"normal_p{percentile:g}"
+def evaluation_notes(inf, mean, key, classes=None):
+    """What one evaluation's figures can and cannot say, for its protocol, and the key metric
+    it is ranked by: ``(notes, key metric used or None)``.
 
-
-def _min_max(x, chunk=1 << 22):
-    """(min, max) in float32 chunks: numpy reduces float16 ~3x slower than float32."""
-    flat = np.asarray(x).reshape(-1)
-    lo, hi = np.inf, -np.inf
-    for a in range(0, flat.size, chunk):
-        c = flat[a:a + chunk].astype(np.float32, copy=False)
-        lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
-    return lo, hi
-
-
-def _threshold_entry(scores, labels, maps, masks, percentile, map_range=None):
-    image_t, image_src = _threshold(scores, labels, percentile)
-    pixel_t, pixel_src = _threshold(maps, masks, percentile)
-    map_min, map_max = map_range or _min_max(maps)
-    return {
-        "n_images": int(len(scores)), "n_anomalous": int(np.sum(labels > 0)),
-        "image_threshold": image_t, "image_threshold_source": image_src,
-        "pixel_threshold": pixel_t, "pixel_threshold_source": pixel_src,
-        "image_min": float(np.min(scores)), "image_max": float(np.max(scores)),
-        "map_min": map_min, "map_max": map_max,
-    }
-
-
-def compute_thresholds(inf, score_cfg, classes=None, percentile=DEFAULT_NORMAL_PERCENTILE,
-                       epoch=None):
-    """Per-class decision thresholds and normalisation ranges from one evaluation.
-
-    Image threshold: F1-optimal on the class's image scores; pixel threshold: F1-optimal over
-    all its pixels (both via ``metrics.f1_optimal_threshold``, so tied F1 picks the higher
-    threshold). A class without anomalies (or without normal images) falls back to the
-    ``percentile`` of its normal scores / pixels. ``image_min/max`` (image scores) and
-    ``map_min/max`` (anomaly maps) are the ranges of normalised scores and of the 'global'
-    heat-map colouring. ``global`` holds the same computed over all classes pooled: what
-    prediction uses when an image's class is unknown.
+    ``no_masks``: classes whose anomalous test images have no mask file (no pixel metrics, no
+    f1 pixel threshold); ``partial_masks``: classes where some have none (pixel metrics over
+    the others and the good images); ``no_anomalies``: classes without anomalous test images.
+    ``key_metric``: ``evaluator.key_metric`` when the evaluation has it, else the first image
+    metric it has (image_auroc, image_ap, image_f1max), with the reason; "not available (no
+    anomalies in the test set)" when there is none.
     """
     clsnames = np.asarray(inf["clsname"])
-    per_class = OrderedDict()
+    has_mask = inf.get("has_mask")
+    status, missing = OrderedDict(), {}
     for cls in classes or sorted(set(inf["clsname"])):
-        sel = np.flatnonzero(clsnames == cls)
-        if sel.size:
-            per_class[cls] = _threshold_entry(inf["score"][sel], inf["label"][sel],
-                                              inf["maps"][sel], inf["masks"][sel], percentile)
-    if len(per_class) <= 1:
-        pooled = dict(next(iter(per_class.values()), {}))
-    else:
-        pooled = _threshold_entry(inf["score"], inf["label"], inf["maps"], inf["masks"],
-                                  percentile, (min(e["map_min"] for e in per_class.values()),
-                                               max(e["map_max"] for e in per_class.values())))
-    return {"format": THRESHOLDS_FORMAT, "epoch": epoch, "image_score": dict(score_cfg),
-            "normal_percentile": percentile, "per_class": per_class, "global": pooled}
+        sel = clsnames == cls
+        if sel.any():
+            labels = inf["label"][sel]
+            masked = None if has_mask is None else np.asarray(has_mask, bool)[sel]
+            status[cls] = mask_status(labels, masked)
+            if status[cls] == "partial":
+                missing[cls] = (int(np.sum((labels > 0.5) & ~masked)), int(np.sum(labels > 0.5)))
+    notes = {}
+    by = {s: [c for c, v in status.items() if v == s] for s in ("no_masks", "no_anomalies")}
+    if by["no_masks"]:
+        notes["no_masks"] = by["no_masks"]
+    if missing:
+        notes["partial_masks"] = {c: f"{k} of {n} anomalous test images have no mask: pixel "
+                                     f"metrics over the other {n - k} and the good images"
+                                  for c, (k, n) in missing.items()}
+    if by["no_anomalies"]:
+        notes["no_anomalies"] = by["no_anomalies"]
+    pixel_key = key.startswith("pixel_") or key == "mad"
+    no_masks = f"no masks for {', '.join(by['no_masks'])}" if by["no_masks"] else ""
+    if mean.get(key) is not None:
+        used, why = key, "evaluator.key_metric" + (
+            f"; over the classes with masks only ({no_masks})" if pixel_key and no_masks
+            else "")
+        notes["key_metric"] = f"{used} ({why})"
+        return notes, used
+    used = next((m for m in IMAGE_KEYS if mean.get(m) is not None), None)
+    if used is None:
+        notes["key_metric"] = "not available (no anomalies in the test set)" if \
+            len(by["no_anomalies"]) == len(status) else "not available (no image metric)"
+        return notes, None
+    reason = no_masks if pixel_key and no_masks and all(
+        v in ("no_masks", "no_anomalies") for v in status.values()) else "it has no value"
+    notes["key_metric"] = f"{used} (evaluator.key_metric {key} is not available: {reason})"
+    return notes, used
 
 
 def normalized_score(score, entry, threshold=None):

@@ -105,13 +105,53 @@ def departures_heading(protocol):
         if protocol.get("opts") else "") + ":"
 
 
+def _count(k, n):
+    return "n/a" if k is None or not n else f"{k} / {n} ({100.0 * k / n:.2f}%)"
+
+
+def operating_point_table(results, fmt="github"):
+    """What each class's image threshold does on the test set: false rejects (good images
+    rejected) and escapes (bad images passed), with counts; '' without an operating point."""
+    points = results.get("operating_point") or {}
+    if not points:
+        return ""
+    rows = [[c, p.get("rule") or "n/a", _count(p.get("false_rejects"), p.get("good")),
+             _count(p.get("escapes"), p.get("bad"))] for c, p in points.items()]
+    if len(points) > 1:
+        total = [sum(p.get(k) or 0 for p in points.values()) for k in
+                 ("false_rejects", "good", "escapes", "bad")]
+        rows.append(["all", "", _count(*total[:2]), _count(*total[2:])])
+    return ("\n\nOperating point at each class's image threshold, on the test set:\n\n" +
+            tabulate(rows, headers=["class", "threshold rule", "false rejects (good)",
+                                    "escapes (bad)"], tablefmt=fmt, disable_numparse=True))
+
+
+def availability_lines(protocol):
+    """What the figures cannot say (no masks, no anomalies) and the key metric used."""
+    out = []
+    if protocol.get("no_masks"):
+        out.append(f"Pixel metrics are not available for {', '.join(protocol['no_masks'])}: "
+                   f"no masks (their anomalous test images have none); their pixel "
+                   f"thresholds come from good images only.")
+    for cls, text in (protocol.get("partial_masks") or {}).items():
+        out.append(f"{cls}: {text}.")
+    if protocol.get("no_anomalies"):
+        out.append(f"No anomalous test images for {', '.join(protocol['no_anomalies'])}: "
+                   f"their ranking metrics are not available.")
+    if protocol.get("key_metric"):
+        out.append(f"Key metric: {protocol['key_metric']}.")
+    return out
+
+
 def _results_md(results):
     protocol = results["protocol"]
     lines = departure_lines(protocol)
     departures = (f"{departures_heading(protocol)}\n\n" + "\n".join(lines) +
                   "\n\n") if lines else ""
+    notes = "".join(f"{line}\n\n" for line in availability_lines(protocol))
     return (f"# Results\n\n{protocol_line(protocol, departures=False)}\n\n{departures}"
-            f"{data_section(protocol)}{results_table(results)}\n")
+            f"{data_section(protocol)}{notes}{results_table(results)}"
+            f"{operating_point_table(results)}\n")
 
 
 def write_results(results, work_dir):

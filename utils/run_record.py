@@ -77,8 +77,15 @@ _MISSING = "<unset>"
 
 
 def config_diff(old, new):
-    """``[(key, old value, new value), ...]`` for every leaf that differs."""
-    a, b = flatten(old), flatten(new)
+    """``[(key, old value, new value), ...]`` for every leaf that differs, each config read as
+    the code reads it: a key one leaves out has its default (utils/config_defaults.py), so a
+    config saved before a default existed differs only where it means something else."""
+    import copy
+
+    from utils.config import to_plain
+    from utils.config_defaults import apply_defaults
+
+    a, b = (flatten(apply_defaults(copy.deepcopy(to_plain(c or {})))) for c in (old, new))
     changes = []
     for key in sorted(set(a) | set(b)):
         if key.split(".", 1)[0] in _IGNORED_KEYS:

@@ -2,12 +2,16 @@
 
 Panel layout (RGB, one row): ``image | ground truth | heat-map overlay | thresholded map``
 under a caption strip, each tile at the model's input size, tiles separated by ``GAP`` white
-columns, then the heat map's colour bar (its range, the pixel threshold marked); ``panel_for``
-adds a heading strip above with the score, the image threshold, the verdict and the label.
-Heat maps are coloured with OpenCV's JET map after normalising either with the class's
-min/max over all its test maps ('global', comparable across images; UniAD's vis_compound) or
-with each image's own min/max ('per_image', shows structure in normal images). The thresholded
-tile shows ``map >= pixel threshold`` in white with the ground-truth outline in green.
+columns, then the heat map's colour bar (ticks, a title, the threshold marked); ``panel_for``
+adds a heading strip above with the score, the image threshold, the verdict and the label
+(wrapped, never clipped). Heat maps are coloured with OpenCV's JET map on one of two scales:
+'global' (default), the class's fixed scale from its calibration (``drawing.calibrated_range``:
+the threshold at the middle of the bar, the smallest map value of the evaluation at the
+bottom), so colours mean the same score in every image of the class; or 'per_image', each
+image's own min/max (shows structure in normal images, but not comparable). The thresholded
+tile shows ``map >= pixel threshold`` in white with the ground-truth outline in green; a class
+without masks (results protocol ``no_masks``, or no pixel threshold) says "no mask" and draws
+no thresholded map.
 """
 from pathlib import Path
 
@@ -16,7 +20,7 @@ import numpy as np
 from datasets.image_io import LEGACY_RESIZE, read_image, resize_image
 from utils.metrics import ranking_curves
 from utils.errors import UserError
-from utils.drawing import (COLORBAR_W, GAP, HEADER, normalize_map, colorize, overlay, text_strip, colorbar, colorbar_width, panel_shape, verdict_text, annotated_overlay, render_panel, stack_rows, write_png)  # noqa: F401 (re-exported)
+from utils.drawing import (COLORBAR_W, GAP, HEADER, normalize_map, colorize, overlay, text_strip, colorbar, colorbar_width, panel_shape, verdict_text, annotated_overlay, render_panel, stack_rows, write_png, calibrated_range)  # noqa: F401 (re-exported)
 
 VIS_DEFAULTS = {"normalize": "global", "max_images": None, "alpha": 0.5,
                 "tensorboard_panels": 8}
@@ -53,25 +57,39 @@ def display_image(dataset, index):
                         getattr(dataset, "resize", LEGACY_RESIZE))
 
 
-def _norm_range(thresholds, cls, normalize):
-    if normalize != "global":
-        return None, None
+def color_scale(thresholds, cls, normalize="global"):
+    """(lo, hi, marked threshold) of a class's heat maps: its calibrated fixed scale
+    ('global'), or None, None and the threshold for 'per_image'."""
     entry = ((thresholds or {}).get("per_class") or {}).get(cls) or {}
-    return entry.get("map_min"), entry.get("map_max")
+    reduction = ((thresholds or {}).get("image_score") or {}).get("reduction", "max")
+    lo, hi, mark = calibrated_range(entry, entry.get("image_threshold"),
+                                    entry.get("pixel_threshold"), reduction)
+    return (lo, hi, mark) if normalize == "global" else (None, None, mark)
 
 
-def panel_for(inf, i, dataset, thresholds, normalize="global", alpha=0.5):
+def has_no_mask(thresholds, cls, no_masks=()):
+    """Whether a class's panels say "no mask": it is listed in the results protocol's
+    ``no_masks``, or its thresholds entry holds no pixel threshold (an evaluation without
+    masks stores none)."""
+    entry = ((thresholds or {}).get("per_class") or {}).get(cls) or {}
+    return cls in (no_masks or ()) or ("pixel_threshold" in entry and
+                                         entry["pixel_threshold"] is None)
+
+
+def panel_for(inf, i, dataset, thresholds, normalize="global", alpha=0.5, no_masks=()):
     cls = inf["clsname"][i]
-    lo, hi = _norm_range(thresholds, cls, normalize)
+    lo, hi, mark = color_scale(thresholds, cls, normalize)
     entry = ((thresholds or {}).get("per_class") or {}).get(cls) or {}
     title = f"{defect_name(inf['filename'][i])} {float(inf['score'][i]):.3g}"
     text, color = verdict_text(inf["score"][i], entry.get("image_threshold"),
                                inf["label"][i])
     heading = (text, color)  # the defect and score are in the first tile's caption
+    no_mask = has_no_mask(thresholds, cls, no_masks)  # then no map thresholded against blanks
     return render_panel(display_image(dataset, int(inf["index"][i])), inf["masks"][i],
                         inf["maps"][i].astype(np.float32), lo, hi,
-                        entry.get("pixel_threshold"), alpha, title=title, heading=heading,
-                        resize=getattr(dataset, "resize", LEGACY_RESIZE))
+                        None if no_mask else entry.get("pixel_threshold"), alpha, title=title,
+                        heading=heading, resize=getattr(dataset, "resize", LEGACY_RESIZE),
+                        mark=mark, no_mask=no_mask)
 
 
 def select_for_vis(inf, max_images=None):
@@ -94,13 +112,14 @@ def select_for_vis(inf, max_images=None):
 
 
 def write_panels(inf, dataset, thresholds, out_dir, normalize="global", max_images=None,
-                 alpha=0.5):
+                 alpha=0.5, no_masks=()):
     """Panels as ``<out_dir>/<class>/<defect>/<image stem>.png``; returns the paths."""
     paths = []
     for i in select_for_vis(inf, max_images):
         name = Path(inf["filename"][i])
         path = Path(out_dir) / inf["clsname"][i] / defect_name(name) / (name.stem + ".png")
-        paths.append(write_png(path, panel_for(inf, i, dataset, thresholds, normalize, alpha)))
+        paths.append(write_png(path, panel_for(inf, i, dataset, thresholds, normalize, alpha,
+                                                 no_masks)))
     return paths
 
 
@@ -144,11 +163,12 @@ def roc_figure(inf, pixel=True, size=360):
     return np.concatenate(images, axis=1)
 
 
-def log_evaluation_images(writer, inf, dataset, thresholds, step, vis_cfg=None):
-    """TensorBoard at an evaluation: ``val/panels`` (a few panels) and ``val/roc``."""
+def log_evaluation_images(writer, inf, dataset, thresholds, step, vis_cfg=None, no_masks=()):
+    """TensorBoard at an evaluation: ``val/panels`` (a few panels) and ``val/roc``;
+    ``no_masks``: the classes without masks (results protocol)."""
     vis_cfg = vis_cfg or VIS_DEFAULTS
     rows = [panel_for(inf, i, dataset, thresholds, vis_cfg.get("normalize", "global"),
-                      vis_cfg.get("alpha", 0.5))
+                      vis_cfg.get("alpha", 0.5), no_masks)
             for i in summary_indices(inf, int(vis_cfg.get("tensorboard_panels", 8)))]
     grid = stack_rows(rows, max_width=1024)
     if grid is not None:

@@ -12,7 +12,8 @@ from datasets.prepare.common import (Prepared, PrepareError, check_records, summ
 
 SOURCES = ("mvtec", "visa", "cifar10", "ader", "folder")
 __all__ = ["Prepared", "PrepareError", "check_records", "summary", "summary_table",
-           "write_prepared", "SOURCES", "build_source", "source_fingerprint"]
+           "write_prepared", "SOURCES", "build_source", "source_fingerprint",
+           "looks_like_folder", "GOOD_NAMES", "BAD_NAMES", "MASK_NAMES"]
 
 
 def _module(source):
@@ -23,13 +24,27 @@ def _module(source):
     return importlib.import_module(f"datasets.prepare.{source}")
 
 
+# the folder names a user's own image folder may use (README "Your own images")
+GOOD_NAMES = ("good", "normal", "ok")
+BAD_NAMES = ("bad", "defective", "anomaly", "ng")
+MASK_NAMES = ("masks", "mask", "ground_truth")
+
+
+def looks_like_folder(root):
+    """Whether ``root`` is a user's folder of images (good/, bad/, masks/ by any of the names
+    above) rather than a benchmark tree (class folders holding train/)."""
+    root = Path(root)
+    if not root.is_dir() or not any((root / n).is_dir() for n in GOOD_NAMES):
+        return False
+    return not any(p.is_dir() and (p / "train").is_dir() for p in root.iterdir())
+
+
 def _folder_args(root, options):
     """``dataset.type: folder`` with a data_root: ``good/`` plus optional ``bad/``, ``masks/``."""
     root = Path(root)
     sub = lambda *names: next((str(root / n) for n in names if (root / n).is_dir()), None)  # noqa
-    return dict(good=sub("good", "normal", "ok") or str(root / "good"),
-                bad=sub("bad", "defective", "anomaly", "ng"),
-                masks=sub("masks", "mask", "ground_truth"), root=str(root), **options)
+    return dict(good=sub(*GOOD_NAMES) or str(root / "good"), bad=sub(*BAD_NAMES),
+                masks=sub(*MASK_NAMES), root=str(root), **options)
 
 
 def build_source(source, root, classes=None, export_dir=None, **options):

@@ -50,7 +50,9 @@ def build_mvtec_records(root, classes=None):
                        if p.is_dir() and (p / "train").is_dir())
     if classes is None:
         if not available:
-            raise UserError(f"no class folders (folders with a 'train' subfolder) in {root}")
+            raise UserError(f"no class folders (folders with a 'train' subfolder) in {root}; "
+                            f"for a folder of your own images (good/, bad/, masks/) add "
+                            f"--data_type folder")
         classes = available
     else:
         if isinstance(classes, str):

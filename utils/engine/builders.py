@@ -10,8 +10,9 @@ OPTIMIZERS, SCHEDULERS = optim_classes()
 
 
 def build_optimizer(params, cfg):
-    cfg = cfg or {"type": "AdamW", "kwargs": {"lr": 1e-4}}
-    kind = cfg.get("type", "AdamW")
+    """``trainer.optimizer`` as resolved (a config without one has runtime.yaml's, from
+    utils/config_defaults.py)."""
+    kind = cfg.get("type") if isinstance(cfg, dict) else None
     if kind not in OPTIMIZERS:
         raise UserError(f"trainer.optimizer.type must be one of {list(OPTIMIZERS)}, "
                          f"got '{kind}'")
@@ -22,7 +23,8 @@ def build_optimizer(params, cfg):
 
 
 def build_scheduler(optimizer, cfg, max_epoch):
-    if not cfg:
+    """``trainer.lr_scheduler`` as resolved; null (a config's own choice) means none."""
+    if cfg is None:
         return None
     kind = cfg.get("type")
     kwargs = dict(cfg.get("kwargs") or {})

@@ -8,7 +8,7 @@ from utils import distributed as du
 from utils.inference import inference_settings
 from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils.config import to_plain
-from datasets.manifest import group_ids
+from datasets.manifest import file_id, group_ids
 from utils.engine.builders import build_scheduler, schedule_changed
 from utils.engine.evaluation import recorded_ids
 
@@ -20,6 +20,21 @@ class CheckpointMixin:
         """Every image the weights were fitted on (seen anomalies included), by manifest name:
         an evaluation set holding any of them is refused."""
         return sorted({str(r["filename"]) for r in self.train_set.records})
+
+    def held_out_ids(self):
+        """The training good images kept apart for thresholds (datasets/holdout.py): never
+        trained on nor banked; recorded beside ``trained_on``."""
+        held = getattr(self.train_set, "holdout", None)
+        return {file_id(r, self.data_roots) for r in held.records} if held else set()
+
+    def best_summary(self):
+        """The end-of-training line on the best evaluation (never a '-inf')."""
+        if self.best_epoch is None or self.best_metric is None or \
+                self.best_metric == -math.inf:
+            return (f"no best evaluation: key metric "
+                    f"{getattr(self, 'key_metric_note', 'not available')}")
+        return (f"best {getattr(self, 'best_key', self.key_metric)} {self.best_metric:.4f} at "
+                f"epoch {self.best_epoch} (selected on the test set)")
 
     def state_dict(self, epoch, step=0, pending=False):
         """``epoch`` finished epochs; ``step`` finished steps of the next one (interrupts);
@@ -38,6 +53,7 @@ class CheckpointMixin:
             "best_results": self.best_results,
             "evaluations": self.evaluations,
             "key_metric": self.key_metric,
+            "best_key": getattr(self, "best_key", None),  # the metric best.pth was chosen by
             "rng": rng_state(),
             "rng_per_rank": du.all_gather_objects(rng_state()) if self.world > 1 else None,
             "config": to_plain(self.cfg),
@@ -45,6 +61,8 @@ class CheckpointMixin:
             "train_files": self.train_files(),
             # every image fitted on or banked, all draws ({class: names relative to the root})
             "trained_on": group_ids(self.trained_ids()),
+            # good images held out for the thresholds ({class: names}), never trained on
+            "held_out": group_ids(self.held_out_ids()),
             "data": self.data_summary(),
             "pixel_mean": list(self.pixel_mean),
             "pixel_std": list(self.pixel_std),
@@ -84,6 +102,7 @@ class CheckpointMixin:
         self.best_metric = state.get("best_metric", -math.inf)
         self.best_epoch = state.get("best_epoch")
         self.best_results = state.get("best_results")
+        self.best_key = state.get("best_key") or state.get("key_metric") or self.key_metric
         self.evaluations = int(state.get("evaluations") or 0)
         self.thresholds = state.get("thresholds")
         per_rank = state.get("rng_per_rank")
@@ -149,21 +168,27 @@ class CheckpointMixin:
         self.save(done, "last.pth", pending=True)
         results = self.evaluate_now(epoch=done, step=done * self.steps_per_epoch - 1)
         self.evaluations += 1
-        value = results["mean"].get(self.key_metric)
-        value = -math.inf if value is None else value
-        if self.best_epoch is None or value > self.best_metric:
-            self.best_metric, self.best_epoch = value, done
+        key = self.key_metric_used  # evaluator.key_metric, or the image metric it fell to
+        self.key_metric_note = results["protocol"].get("key_metric")
+        value = None if key is None else results["mean"].get(key)
+        if value is None:  # nothing to rank by (no anomalies): no best.pth, said once
+            if not getattr(self, "_no_best_said", False):
+                self._no_best_said = True
+                self.logger.info(f"best.pth not written: key metric {self.key_metric_note}")
+        elif self.best_epoch is None or getattr(self, "best_key", key) != key or \
+                value > self.best_metric:
+            self.best_metric, self.best_epoch, self.best_key = value, done, key
             self.best_results = results
             self.save(done, "best.pth")
-            self.logger.info(f"new best {self.key_metric} {value:.4f} at epoch {done}")
+            self.logger.info(f"new best {key} {value:.4f} at epoch {done}")
         final = None
         if done == self.max_epoch:
             final = dict(results)
             if self.evaluations > 1 and self.best_results is not None:
                 final["best_on_test_set"] = {
-                    "note": f"selected on the test set by {self.key_metric} among "
+                    "note": f"selected on the test set by {self.best_key} among "
                             f"{self.evaluations} evaluations; not the reported result",
-                    "epoch": self.best_epoch, "key_metric": self.key_metric,
+                    "epoch": self.best_epoch, "key_metric": self.best_key,
                     "per_class": self.best_results["per_class"],
                     "mean": self.best_results["mean"]}
             self.report(final, title=f"final epoch {done}")
@@ -185,6 +210,7 @@ class CheckpointMixin:
         rec["classes"] = list(self.classes)
         # the labelled anomalies of every draw so far: the leak guard's set, never reduced
         rec["trained_on"] = group_ids(self.anomalies_trained_on())
+        rec["held_out"] = group_ids(self.held_out_ids())  # kept apart for the thresholds
         rec["seen_anomalies"] = getattr(self.train_set, "seen_anomalies", None) or {}
         rec["resolved_device"] = str(self.device)
         rec["world_size"] = self.world

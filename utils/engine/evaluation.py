@@ -4,12 +4,14 @@ from pathlib import Path
 
 from datasets.manifest import (ANY_CLASS, data_summary, file_id, ids_matching,
                                relative_name, ungroup_ids)
+from utils.config_defaults import input_settings
 from utils import distributed as du
 from utils.checkpoint import load_checkpoint
 from utils.config import to_plain
-from utils.evaluator import (compute_thresholds, metrics_from_inference, normal_percentile,
+from utils.evaluator import (compute_thresholds, evaluation_notes, metrics_from_inference,
                              run_inference, write_scores, write_thresholds)
-from utils.results import protocol_line, results_table, write_results
+from utils.results import operating_point_table, protocol_line, results_table, write_results
+from utils.thresholds import operating_points, rules_summary, threshold_settings
 from utils.visualize import log_evaluation_images, vis_settings
 from utils.errors import UserError
 
@@ -121,12 +123,12 @@ class EvaluationMixin:
         backbone = self.cfg.net[0]
         epochs = self.max_epoch if epochs_trained is None else epochs_trained
         protocol = {
-            "dataset": self.cfg.dataset.get("type", "explicit"),
+            "dataset": self.cfg.dataset.type,
             "classes": list(self.classes),
             "setting": self.record.get("setting") or
             ("single-class" if self.class_name else "unified"),
             "input_size": list(self.cfg.dataset.input_size),
-            "resize": self.cfg.dataset.get("resize", "cv2_linear"),
+            "resize": input_settings(self.cfg).resize,
             "epochs": epochs,
             "reported": reported or f"final epoch ({epochs})",
             "seed": self.seed,
@@ -162,14 +164,28 @@ class EvaluationMixin:
                             self.amp_dtype, progress=self.progress)
         if self.world > 1:
             inf = gather_inference(du.all_gather_objects(inf))
+        import numpy as np
+
+        masked = np.array([bool(r.get("maskname")) for r in self.test_set.records], bool)
+        inf["has_mask"] = masked[inf["index"].astype(np.int64)]  # a real mask file, per image
         per_class, mean = metrics_from_inference(inf, self.metrics, self.classes)
         if protocol is None:
             protocol = self.protocol(epochs_trained=epoch, reported=f"epoch {epoch}"
                                      if epoch is not None and epoch != self.max_epoch
                                      else None)
-        results = {"protocol": protocol, "per_class": per_class, "mean": mean}
         self.thresholds = compute_thresholds(inf, self.score_cfg, self.classes,
-                                             normal_percentile(self.cfg), epoch)
+                                             threshold_settings(self.cfg), epoch,
+                                             self.score_held_out())
+        notes, self.key_metric_used = evaluation_notes(inf, mean, self.key_metric, self.classes)
+        held = getattr(self.train_set, "holdout", None)
+        protocol.update(notes, thresholds=rules_summary(self.thresholds,
+                                                         held.counts if held else None))
+        if self.key_metric_used != self.key_metric and self.is_main and \
+                not getattr(self, "_key_said", False):
+            self._key_said = True  # once per run: every protocol says it too
+            self.logger.warning(f"key metric: {notes['key_metric']}")
+        results = {"protocol": protocol, "per_class": per_class, "mean": mean,
+                   "operating_point": operating_points(inf, self.thresholds)}
         self.last_inference = inf
         if epoch is not None:
             results["epoch"] = epoch
@@ -182,10 +198,44 @@ class EvaluationMixin:
                     if value is not None:
                         self.writer.add_scalar(f"val/{cls}/{name}", value, tb_step)
             log_evaluation_images(self.writer, inf, self.test_set, self.thresholds, tb_step,
-                                  vis_settings(self.cfg))
+                                  vis_settings(self.cfg),
+                                  no_masks=results["protocol"].get("no_masks") or ())
             self.logger.info(f"evaluation at epoch {epoch}:\n" +
-                             results_table(results, fmt="simple"))
+                             results_table(results, fmt="simple") +
+                             operating_point_table(results, fmt="simple"))
         return results
+
+    def score_held_out(self):
+        """``{"clsname", "score", "maps"}`` of the held-out good images (datasets/holdout.py),
+        computed as prediction computes them (``utils.inference.anomaly_maps``: the run's
+        precision and cached prefix), for the good-image threshold rules; None without any.
+        Images these weights were trained on (``check_leakage``) are left out."""
+        import numpy as np
+
+        from datasets.builder import build_loader
+        from utils.inference import anomaly_maps, inference_settings
+        from utils.metrics import image_score_from_map
+
+        held = getattr(self.train_set, "holdout", None)
+        if held is None or held.dataset is None:
+            return None
+        settings = inference_settings(self.cfg, len(self.model.frozen_prefix)
+                                      if self.use_cache else 0)
+        trained = getattr(self, "held_out_trained", set())
+        out = {"clsname": [], "maps": []}
+        loader = build_loader(held.dataset, self.test_batch_size, self.workers, shuffle=False)
+        for batch in loader:
+            keep = [i for i, (c, f) in enumerate(zip(batch["clsname"], batch["filename"]))
+                    if file_id({"clsname": c, "filename": f}, self.data_roots) not in trained]
+            if keep:
+                maps = anomaly_maps(self.model, batch["image"][keep], settings, self.device)
+                out["maps"].append(maps.astype(np.float32, copy=False))
+                out["clsname"] += [batch["clsname"][i] for i in keep]
+        if not out["clsname"]:
+            return None
+        out["maps"] = np.concatenate(out["maps"])
+        out["score"] = image_score_from_map(out["maps"], **self.score_cfg)
+        return out
 
     def check_leakage(self, state, checkpoint, action="evaluation"):
         """Refuse to score images the weights were fitted on or banked: the checkpoint's and the
@@ -195,6 +245,15 @@ class EvaluationMixin:
         trained = (recorded_ids(state, state_roots) |
                    recorded_ids(state.get("run"), self.data_roots) |
                    recorded_ids(self.record, self.data_roots))
+        held = getattr(self.train_set, "holdout", None)
+        again = ids_matching(held.records, trained, self.data_roots) if held else []
+        if again:  # e.g. a run from before the hold-out: they cannot set its thresholds
+            self.held_out_trained = {file_id(r, self.data_roots) for r in held.records
+                                     if file_id(r, self.data_roots)[1] in set(again)}
+            self.logger.warning(f"{len(again)} of the {len(held.records)} held-out good "
+                                f"images were trained on by checkpoint {checkpoint}: not "
+                                f"used for thresholds (and no longer trained on): "
+                                f"{', '.join(again[:10])}{' ...' if len(again) > 10 else ''}")
         leaked = ids_matching(self.test_set.records, trained, self.data_roots)
         if not leaked:
             return
@@ -283,7 +342,8 @@ class EvaluationMixin:
             return
         write_results(results, self.work_dir)
         self.logger.info(f"results ({title})\n{protocol_line(results['protocol'])}\n" +
-                         results_table(results, fmt="simple"))
+                         results_table(results, fmt="simple") +
+                         operating_point_table(results, fmt="simple"))
 
     def write_pictures(self, results, out_dir, step=None):
         """Curves, score histograms, heat-map panels (``vis/``) and ``report.html`` of the

@@ -20,7 +20,7 @@ from models import ModelHelper
 from models.losses import Criterion
 from utils import distributed as du
 from utils.run_record import save_run_config
-from utils.config_defaults import apply_defaults
+from utils.config_defaults import apply_defaults, input_settings
 from utils.engine.builders import build_optimizer, build_scheduler, wrap_training_net
 from utils.misc import amp_dtype_for, set_seed
 from utils.engine.checkpointing import CheckpointMixin
@@ -43,7 +43,7 @@ class TrainingInterrupted(Exception):
 
 
 class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
-    """``record`` is the run's invocation (``run.json``; see ``tools/_common.py``) and
+    """``record`` is the run's invocation (``run.json``; see ``utils/run_plan.py``) and
     ``changes`` the overrides accepted for an existing run. The folder is created only after
     the config and data have been checked: a failed start leaves nothing behind."""
 
@@ -109,12 +109,10 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
                              "learn them as normal")
         if self.world > 1:  # each rank its own noise (jitter, dropout) from here on
             set_seed(self.seed + 7919 * self.rank)
-        self.criterion = Criterion(cfg.get("criterion") or
-                                   [{"name": "FeatureMSELoss", "type": "FeatureMSELoss",
-                                     "kwargs": {"weight": 1.0}}])
+        self.criterion = Criterion(cfg.criterion)
         params = self.model.trainable_parameters()
-        self.optimizer = build_optimizer(params, tr.get("optimizer")) if params else None
-        self.scheduler = build_scheduler(self.optimizer, tr.get("lr_scheduler"),
+        self.optimizer = build_optimizer(params, tr.optimizer) if params else None
+        self.scheduler = build_scheduler(self.optimizer, tr.lr_scheduler,
                                          self.max_epoch) if self.optimizer else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         ds = cfg.dataset
@@ -180,7 +178,7 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
         from datasets.validation import check_classes, validate_records
 
         ds = self.cfg.dataset
-        color = ((ds.get("image_reader") or {}).get("kwargs") or {}).get("color_mode", "RGB")
+        color = input_settings(self.cfg).color_mode
         for name, dataset in (("train", self.train_set), ("test", self.test_set)):
             source = getattr(dataset, "source", None) or f"the {name} manifest"
             if ds.validate:
@@ -372,8 +370,7 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
             self.save(done, "last.pth")
             if self._stop_requested():
                 self.interrupt(done, 0)
-        log.info(f"training done in {time.time() - t0:.1f}s; best {self.key_metric} "
-                 f"{self.best_metric:.4f} at epoch {self.best_epoch} (selected on the test set)")
+        log.info(f"training done in {time.time() - t0:.1f}s; {self.best_summary()}")
         return final
 
     def close(self):
