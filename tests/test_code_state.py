@@ -17,6 +17,13 @@ def git(cwd, *args):
                           text=True).stdout
 
 
+def commit_all(folder):
+    """A new repository at ``folder`` with everything in it committed once."""
+    git(folder, "init", "-q")
+    git(folder, "-c", "user.email=t@t", "-c", "user.name=t", "add", ".")
+    git(folder, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "one")
+
+
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
     """A small git checkout standing in for DualMem's."""
@@ -26,9 +33,7 @@ def repo(tmp_path, monkeypatch):
     (src / "pkg").mkdir(parents=True)
     (src / "pkg" / "a.py").write_text("x = 1\n")
     (src / ".gitignore").write_text("runs/\n")
-    git(src, "init", "-q")
-    git(src, "-c", "user.email=t@t", "-c", "user.name=t", "add", ".")
-    git(src, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "one")
+    commit_all(src)
     monkeypatch.setattr(code_state, "REPO_ROOT", src)
     return src
 
@@ -149,9 +154,7 @@ def test_checkout_inside_a_monorepo_gives_paths_from_the_checkout(tmp_path, monk
     (src / "pkg").mkdir(parents=True)
     (src / "pkg" / "a.py").write_text("x = 1\n")
     (outer / "other.txt").write_text("outside\n")
-    git(outer, "init", "-q")
-    git(outer, "-c", "user.email=t@t", "-c", "user.name=t", "add", ".")
-    git(outer, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "one")
+    commit_all(outer)
     monkeypatch.setattr(code_state, "REPO_ROOT", src)
     (src / "pkg" / "a.py").write_text("x = 2\n")
     (src / "pkg" / "new.py").write_text("y = 3\n")
@@ -175,9 +178,7 @@ def test_checkout_untracked_inside_an_unrelated_repo_is_not_given_its_commit(tmp
     outer = tmp_path / "home"
     outer.mkdir()
     (outer / "dotfile").write_text("x\n")
-    git(outer, "init", "-q")
-    git(outer, "-c", "user.email=t@t", "-c", "user.name=t", "add", ".")
-    git(outer, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "one")
+    commit_all(outer)
     src = outer / "dualmem"
     (src / "pkg").mkdir(parents=True)
     (src / "pkg" / "a.py").write_text("x = 1\n")

@@ -54,7 +54,7 @@ from models.heads.dmad_banks import (CENTER_SAMPLING, KIND_CENTRE, KIND_PSEUDO, 
                                      KIND_REAL, KIND_SAMPLE, KIND_TEXTURE, NORMAL_SHARE,
                                      BankBuilding)
 from models.heads.dmad_knowledge import KNOWLEDGE_PARTS, KnowledgeRetrieval
-from models.heads.memory_bank import downsample_mask
+from models.heads.memory_bank import BankState, downsample_mask
 from models.losses import PatchBCELoss, PatchFocalLoss  # noqa: F401  (their old home)
 from models.registry import MODELS
 from utils.errors import UserError
@@ -83,7 +83,7 @@ def gaussian_blur(x, sigma, truncate=4.0):
 
 
 @MODELS.register(name="DMAD", path="models.heads")
-class DMAD(KnowledgeRetrieval, BankBuilding, nn.Module):
+class DMAD(KnowledgeRetrieval, BankBuilding, BankState, nn.Module):
     learns_from_anomalies = True  # labelled anomalies in the training set are meant for it
     map_activation = "sigmoid"  # the map is a probability; DMADReference maps raw scores
 
@@ -235,13 +235,6 @@ class DMAD(KnowledgeRetrieval, BankBuilding, nn.Module):
     def row_nbytes(self):
         return self.dim * torch.empty((), dtype=self.bank_dtype).element_size() + 4 * 2
 
-    def get_extra_state(self):
-        return {"class_names": list(self.class_names), "build_info": dict(self.build_info)}
-
-    def set_extra_state(self, state):
-        self.class_names = list(state.get("class_names", []))
-        self.build_info = dict(state.get("build_info", {}))
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._retrieval_memo = {}
         # bank sizes depend on the data: take the checkpoint's shapes before copying
@@ -251,13 +244,7 @@ class DMAD(KnowledgeRetrieval, BankBuilding, nn.Module):
                 state_dict[prefix + name] = (
                     torch.full((n_abnormal,), -1, dtype=torch.int32) if name == "abnormal_group"
                     else torch.zeros(0, 2, dtype=torch.int32))
-        for name in BANK_BUFFERS:
-            key = prefix + name
-            if key in state_dict:
-                ref = getattr(self, name)
-                self._buffers[name] = torch.empty(state_dict[key].shape,
-                                                  dtype=state_dict[key].dtype,
-                                                  device=ref.device)
+        self._take_shapes(state_dict, prefix, BANK_BUFFERS)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _set_bank(self, prefix, feats, src, cls, kind=None, group=None, links=None):

@@ -26,6 +26,13 @@ def _project(features, proj_dim, seed):
     return x
 
 
+def _checked_size(features, n):
+    n = int(n)
+    if n <= 0:
+        raise UserError(f"greedy_coreset: n must be >= 1, got {n}")
+    return n
+
+
 def _start(total, seed, start):
     if start is not None:
         return int(start)
@@ -51,12 +58,9 @@ def greedy_coreset(features, n, proj_dim=128, seed=0, start=None, batch=64):
     (:func:`greedy_coreset_stepwise` is the one-pick-per-pass form, kept for comparison).
     Returns (indices LongTensor (n,), covering radius in the projected space).
     """
-    total = features.shape[0]
-    n = int(n)
+    total, n = features.shape[0], _checked_size(features, n)
     if n >= total:
         return torch.arange(total, device=features.device), 0.0
-    if n <= 0:
-        raise UserError(f"greedy_coreset: n must be >= 1, got {n}")
     x = _project(features, proj_dim, seed)
     sq = (x * x).sum(1)
     first = _start(total, seed, start)
@@ -92,12 +96,9 @@ def greedy_coreset(features, n, proj_dim=128, seed=0, start=None, batch=64):
 def greedy_coreset_stepwise(features, n, proj_dim=128, seed=0, start=None):
     """The same selection as :func:`greedy_coreset`, one matrix-vector pass over all rows per
     pick (the form used before; kept as the reference the batched one is checked against)."""
-    total = features.shape[0]
-    n = int(n)
+    total, n = features.shape[0], _checked_size(features, n)
     if n >= total:
         return torch.arange(total, device=features.device), 0.0
-    if n <= 0:
-        raise UserError(f"greedy_coreset: n must be >= 1, got {n}")
     x = _project(features, proj_dim, seed)
     sq = (x * x).sum(1)
     start = _start(total, seed, start)
@@ -111,6 +112,26 @@ def greedy_coreset_stepwise(features, n, proj_dim=128, seed=0, start=None):
         torch.addmv(sq, x, x[j], alpha=-2, out=d)
         torch.minimum(min_d, d.add_(sq[j]), out=min_d)
     return chosen, float(min_d.max().clamp(min=0).sqrt())
+
+
+class BankState:
+    """What memory-bank heads share about their state: class names and build statistics as
+    plain extra state, and bank buffers whose sizes come from the checkpoint being loaded."""
+
+    def get_extra_state(self):
+        return {"class_names": list(self.class_names), "build_info": dict(self.build_info)}
+
+    def set_extra_state(self, state):
+        self.class_names = list(state.get("class_names", []))
+        self.build_info = dict(state.get("build_info", {}))
+
+    def _take_shapes(self, state_dict, prefix, names):
+        for name in names:
+            key = prefix + name
+            if key in state_dict:
+                self._buffers[name] = torch.empty(state_dict[key].shape,
+                                                  dtype=state_dict[key].dtype,
+                                                  device=getattr(self, name).device)
 
 
 class StreamingCoreset:

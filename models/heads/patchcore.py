@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.heads.dmad import BANK_DTYPES, gaussian_blur
-from models.heads.memory_bank import StreamingCoreset, knn
+from models.heads.memory_bank import BankState, StreamingCoreset, knn
 from models.registry import MODELS
 from utils.errors import UserError
 
@@ -42,7 +42,7 @@ def reweighting(query, nearest, bank, neighbors, query_chunk=4096, bank_chunk=16
 
 
 @MODELS.register(name="PatchCore", path="models.heads")
-class PatchCore(nn.Module):
+class PatchCore(BankState, nn.Module):
     learns_from_anomalies = False  # a normal memory only: labelled anomalies are not used
 
     def __init__(self, inplanes, instrides=None, input_size=None, feature_size=None,
@@ -86,20 +86,8 @@ class PatchCore(nn.Module):
         self.register_buffer("memory_cls", torch.zeros(0, dtype=torch.int32))
 
     # ------------------------------------------------------------------ state
-    def get_extra_state(self):
-        return {"class_names": list(self.class_names), "build_info": dict(self.build_info)}
-
-    def set_extra_state(self, state):
-        self.class_names = list(state.get("class_names", []))
-        self.build_info = dict(state.get("build_info", {}))
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("memory_bank", "memory_cls"):  # sizes depend on the data
-            key = prefix + name
-            if key in state_dict:
-                self._buffers[name] = torch.empty(state_dict[key].shape,
-                                                  dtype=state_dict[key].dtype,
-                                                  device=getattr(self, name).device)
+        self._take_shapes(state_dict, prefix, ("memory_bank", "memory_cls"))  # data-sized
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ stage one
