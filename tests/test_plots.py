@@ -257,3 +257,19 @@ def test_annotated_overlay_for_predict(size):
     normal = V.annotated_overlay(image, amap, 0.0, 1.0, threshold=0.95, score=0.9, verdict=None)
     head = normal[:strip].astype(int)
     assert ((head[..., 1] > 100) & (head[..., 0] < 60)).any()  # green: normal
+
+
+def test_a_class_without_masks_gets_no_pixel_curves():
+    """Bad images without mask files: no pixel ROC / PR / PRO against invented masks."""
+    from utils import plots
+
+    rng = np.random.default_rng(0)
+    n = 6
+    inf = {"clsname": ["c"] * n, "score": rng.random(n), "label": np.array([0, 0, 0, 1, 1, 1]),
+           "maps": rng.random((n, 8, 8)).astype(np.float32),
+           "masks": np.ones((n, 8, 8), np.uint8) * np.array([0, 0, 0, 1, 1, 1])[:, None, None],
+           "has_mask": np.zeros(n, bool)}
+    curves = plots.class_curves(inf, "c")
+    assert curves["pixel"] is None and curves["no_masks"] and curves["image"] is not None
+    inf["has_mask"] = np.array([False, False, False, True, True, True])
+    assert plots.class_curves(inf, "c")["pixel"] is not None

@@ -37,8 +37,8 @@ def _figure(title, figsize=FIGSIZE):
     return fig, ax
 
 
-def _undefined(ax, what):
-    ax.text(0.5, 0.5, f"{what}: undefined\n(a single kind of label)", ha="center", va="center",
+def _undefined(ax, what, why="a single kind of label"):
+    ax.text(0.5, 0.5, f"{what}: undefined\n({why})", ha="center", va="center",
             fontsize=8, color="#666666", transform=ax.transAxes)
 
 
@@ -59,11 +59,18 @@ def class_curves(inf, cls, fpr_limit=FPR_LIMIT):
     scores = np.asarray(inf["score"])[sel].astype(np.float64)
     labels = np.asarray(inf["label"])[sel]
     pixel = None
-    if inf.get("maps") is not None and inf.get("masks") is not None and len(inf["maps"]):
-        pixel = ranking_curves(inf["maps"][sel], inf["masks"][sel], regions=True,
+    if inf.get("has_mask") is not None:  # as the metrics: only images whose mask is a file
+        sel_px = sel[(labels <= 0.5) | np.asarray(inf["has_mask"], bool)[sel]]
+    else:
+        sel_px = sel
+    has_anomalous_mask = bool(np.any(np.asarray(inf["label"])[sel_px] > 0.5))
+    if inf.get("maps") is not None and inf.get("masks") is not None and len(inf["maps"]) \
+            and has_anomalous_mask:  # no masks: no pixel curve against invented ones
+        pixel = ranking_curves(inf["maps"][sel_px], inf["masks"][sel_px], regions=True,
                                fpr_limit=fpr_limit)
     return {"image": ranking_curves(scores, labels), "pixel": pixel, "scores": scores,
-            "labels": labels, "fpr_limit": fpr_limit}
+            "labels": labels, "fpr_limit": fpr_limit,
+            "no_masks": bool(np.any(labels > 0.5)) and not has_anomalous_mask}
 
 
 def draw_roc(lines, title, figsize=FIGSIZE):
@@ -132,7 +139,8 @@ def plot_pro(curves, cls):
     fig, ax = _figure(f"{cls}: PRO up to FPR {limit:g}")
     c = curves.get("pixel")
     if c is None or "pro" not in c:
-        _undefined(ax, "PRO")
+        _undefined(ax, "PRO", "no masks" if curves.get("no_masks") else
+                   "a single kind of label")
     else:
         x, y = c["pro"]
         ax.plot(x, y, lw=1.5, color=COLORS["pixel"], gid="pixel_pro",
