@@ -14,7 +14,7 @@ from utils.errors import UserError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-PREPARED_TYPES = ("mvtec", "visa", "cifar10", "ader", "folder")
+from datasets.prepare import SOURCES as PREPARED_TYPES  # noqa: E402  (the one list)
 
 
 def data_roots(cfg):

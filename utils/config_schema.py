@@ -5,6 +5,8 @@ mapping with free keys. ``net[*].kwargs`` is checked later against the module's 
 """
 import math
 
+from datasets.prepare import SOURCES
+
 
 class _AnyT:
     def __repr__(self):
@@ -125,8 +127,7 @@ SCHEMA = {
     "deterministic": bool,
     "config_path": Path,
     "dataset": {
-        "type": Choice("explicit", "custom", "mvtec", "visa", "cifar10", "ader", "folder",
-                       "synthetic"),
+        "type": Choice("explicit", "custom", *SOURCES, "synthetic"),
         # mvtec|visa|cifar10|ader|folder: prepare manifests from the data itself (cached)
         "data_root": OptionalT((PathT(), ListOf(PathT()))),
         "cache_dir": Path,

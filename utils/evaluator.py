@@ -117,7 +117,7 @@ def metrics_from_inference(inf, metrics, classes=None):
 
 
 # ----------------------------------------------------------------------------- key metric
-IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1max")  # the fallback order
+IMAGE_KEYS = tuple(m for m in METRIC_NAMES if m.startswith("image_"))  # the fallback order
 
 
 def evaluation_notes(inf, mean, key, classes=None):

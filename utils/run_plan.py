@@ -18,7 +18,7 @@ from pathlib import Path
 from utils import code_state
 
 # --data_type: layouts whose manifests are prepared from the data itself
-DATA_TYPES = ("mvtec", "visa", "cifar10", "ader", "folder")
+from datasets.prepare import SOURCES as DATA_TYPES  # noqa: E402  (the one list)
 
 
 def apply_data_args(cfg, data_root=None, data_type=None, classes=None, log=None):

@@ -35,7 +35,8 @@ from utils.metrics import f1_optimal_threshold
 
 GOOD_RULE = {"image": "good_fpr", "pixel": "good_pixel_rate"}
 RATE_KEY = {"image": "false_reject_rate", "pixel": "pixel_rate"}
-BENCHMARK_TYPES = ("mvtec", "visa", "cifar10", "ader")  # whose training set auto never cuts
+from datasets.prepare import BENCHMARK_SOURCES as BENCHMARK_TYPES  # noqa: E402
+# (the benchmark layouts, whose training set auto never cuts)
 QUANTILE = ("nextafter(numpy.quantile(goods, 1 - rate, method='inverted_cdf'), +inf); "
             "rejected: score >= threshold")
 

@@ -10,9 +10,10 @@ from pathlib import Path
 from datasets.prepare.common import (Prepared, PrepareError, check_records, summary,
                                      summary_table, write_prepared)
 
-SOURCES = ("mvtec", "visa", "cifar10", "ader", "folder")
+SOURCES = ("mvtec", "visa", "cifar10", "ader", "folder")  # the one list of data sources
+BENCHMARK_SOURCES = tuple(s for s in SOURCES if s != "folder")  # a protocol's own split
 __all__ = ["Prepared", "PrepareError", "check_records", "summary", "summary_table",
-           "write_prepared", "SOURCES", "build_source", "source_fingerprint",
+           "write_prepared", "SOURCES", "BENCHMARK_SOURCES", "build_source", "source_fingerprint",
            "looks_like_folder", "GOOD_NAMES", "BAD_NAMES", "MASK_NAMES"]
 
 
