@@ -183,8 +183,11 @@ class FeatureCacheMixin:
             return False
         prefix = self.model.frozen_prefix
         reasons = []
-        if not prefix or len(prefix) == len(self.model.module_names):
+        if not prefix:
             reasons.append("no frozen leading modules before a trainable one")
+        elif len(prefix) == len(self.model.module_names):
+            reasons.append("nothing in the net trains (every module is frozen or fitted in "
+                           "stage one), so each image runs once")
         if getattr(self.train_set, "augment", None) is not None:
             reasons.append("training augmentations are on (inputs change every epoch)")
         if not getattr(self.train_set, "deterministic", True) and self._train_pool() is None:
