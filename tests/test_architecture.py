@@ -1,4 +1,4 @@
-"""The architecture as documented: the toy head of models/README.md trains and evaluates from
+"""The architecture as documented: the toy head of docs/dev/add-method.md trains and evaluates from
 YAML, models/ never reaches into datasets/ or the engine, modules (models/, utils/, datasets/,
 tools/) stay small."""
 import json
@@ -25,10 +25,10 @@ def test_models_and_utils_keep_their_boundaries():
 
 
 @pytest.mark.slow
-def test_the_toy_head_of_models_readme_trains_and_evaluates_from_yaml(tmp_path, monkeypatch):
+def test_the_toy_head_of_the_add_method_page_trains_and_evaluates_from_yaml(tmp_path, monkeypatch):
     from tools import train_val
 
-    readme = (ROOT / "models" / "README.md").read_text(encoding="utf-8")
+    readme = (ROOT / "docs" / "dev" / "add-method.md").read_text(encoding="utf-8")
     code = re.search(r"<!-- toy-head -->\s*```python\n(.*?)```", readme, re.S).group(1)
     package = tmp_path / "toy_pkg"
     package.mkdir()

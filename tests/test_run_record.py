@@ -294,9 +294,10 @@ README_EVALUATE = re.compile(r"python (tools/\w+\.py) ([^\n#]*--(?:evaluate|resu
 
 
 def test_every_readme_evaluate_command_runs_as_written(runs):
-    """Each ``--evaluate``/``--resume`` command of README.md and the experiment READMEs, with
-    RUN standing for a real run folder."""
-    texts = [ROOT / "README.md", *sorted((ROOT / "experiments").rglob("*README*.md"))]
+    """Each ``--evaluate``/``--resume`` command of README.md, docs/ and the experiment READMEs,
+    with RUN standing for a real run folder."""
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")),
+             *sorted((ROOT / "experiments").rglob("*README*.md"))]
     commands = [(path, m.group(1), m.group(2)) for path in texts
                 for m in README_EVALUATE.finditer(path.read_text(encoding="utf-8"))]
     assert len(commands) >= 4
