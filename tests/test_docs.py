@@ -255,3 +255,12 @@ def test_a_toy_export_format_exports_and_loads_back(tmp_path, monkeypatch):
     assert maps.shape == (1, 64, 64)
     rgb = cv2.cvtColor(cv2.imread(str(image)), cv2.COLOR_BGR2RGB)
     assert scores[0] == pytest.approx(load_detector(run).predict(rgb).score, rel=1e-4, abs=1e-6)
+
+
+def test_readme_stays_what_a_newcomer_reads():
+    """At most 150 lines (issue #28): the reference lives in docs/, linked from it."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 150, f"README.md has {len(lines)} lines; move reference to docs/"
+    text = "\n".join(lines)
+    for page in ("docs/user/runs.md", "docs/dev/architecture.md", "docs/dev/add-method.md"):
+        assert f"]({page})" in text and (ROOT / page).is_file(), page
