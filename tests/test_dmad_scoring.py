@@ -93,3 +93,20 @@ def test_bad_score_settings_are_refused():
     with pytest.raises(UserError, match="correction_bound"):
         DMAD([6], [4], input_size=[16, 16], score="normal_plus_correction",
              correction_bound=0)
+
+
+def test_distances_alone_equal_the_full_knowledge_s_and_the_real_subset_follows_the_bank():
+    """Without attention only the nearest memory is gathered (cheaper): the same distances;
+    the cached labelled-anomaly subset is rebuilt when the abnormal bank changes."""
+    kinds = [KIND_PSEUDO, KIND_REAL, KIND_PSEUDO, KIND_CENTRE, KIND_PSEUDO]
+    full = head_with_banks(kinds, knowledge=["distance", "attention", "real_distance"],
+                           include_query=False)
+    lean = head_with_banks(kinds, knowledge=["distance", "real_distance"], include_query=False)
+    q = torch.randn(9, 6) + 2
+    zf, zl = full.knowledge_features(q), lean.knowledge_features(q)
+    torch.testing.assert_close(zl[:, :2], zf[:, :2])
+    torch.testing.assert_close(zl[:, 2], zf[:, -1])
+    before = lean.knowledge_features(q)[:, 2]
+    lean._set_bank("abnormal", lean.abnormal_bank + 5, lean.abnormal_src, lean.abnormal_cls,
+                   lean.abnormal_kind)
+    assert not torch.allclose(lean.knowledge_features(q)[:, 2], before)

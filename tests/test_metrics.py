@@ -306,3 +306,27 @@ def test_image_score_other_reductions():
     assert M.image_score_from_map(maps[0], "mean").shape == ()
     with pytest.raises(ValueError):
         M.image_score_from_map(maps, "median")
+
+
+def test_evaluation_keeps_maps_in_float32():
+    """Close scores stay apart (float16 storage merged 1.0 and 1.0001 into a tie, which moved
+    pixel AP): the maps metrics see are the model's float32 maps (#25 item 14)."""
+    import torch
+
+    from utils.evaluator import run_inference
+
+    pred = torch.ones(2, 1, 4, 4)
+    pred[1, 0, 0, 0] = 1.0001
+
+    class Net(torch.nn.Module):
+        def forward(self, inputs):
+            return {"pred": pred[: len(inputs["image"])]}
+
+    batch = {"image": torch.zeros(2, 3, 4, 4), "mask": torch.zeros(2, 1, 4, 4),
+             "label": torch.tensor([0, 1]), "index": torch.tensor([0, 1]),
+             "filename": ["a.png", "b.png"], "clsname": ["c", "c"]}
+    inf = run_inference(Net(), [batch], torch.device("cpu"),
+                        {"reduction": "max", "kernel": 1, "topk": 0.01}, progress=False)
+    assert inf["maps"].dtype == np.float32
+    np.testing.assert_array_equal(inf["maps"], pred[:, 0].numpy())
+    assert inf["score"][1] > inf["score"][0]

@@ -72,21 +72,34 @@ class KnowledgeRetrieval:
         return torch.cat([store[key] for key in keys]).to(q.device, torch.long)
 
     def _retrieve(self, q, bank, bank_src, bank_cls, row_src, row_cls, derived=(), name=None,
-                  keys=None):
+                  keys=None, nearest_only=False):
         """(distances (N, K), memories (N, K, C)) with gradients w.r.t. q. ``derived``:
         (row groups, links) of memories derived from several images (see
         ``memory_bank.retrieval_excluder``); ``keys``: per-image memo keys (see the module
-        docstring), None to search afresh."""
+        docstring), None to search afresh; ``nearest_only``: K = 1, when no knowledge part
+        reads the others (only the attention read-outs do)."""
         args = (bank, bank_src, bank_cls, row_src, row_cls, derived)
         idx = self._memo_indices(name, keys, q.detach(), *args) if keys is not None \
             else self._nearest_indices(q.detach(), *args)
+        if nearest_only:
+            idx = idx[:, :1]
         mem = bank[idx].float()
         diff = q.unsqueeze(1) - mem
         dist = (diff.pow(2).sum(-1) + 1e-12).sqrt()
         return dist, mem, diff[:, 0]
 
     def _real_subset(self):
-        """The abnormal memories made from labelled anomalies, with their ids (or None)."""
+        """The abnormal memories made from labelled anomalies, with their ids (or None); kept
+        while the banks stay as they are (``_retrieval_memo`` is cleared with them)."""
+        key = (self.abnormal_bank.data_ptr(), self.abnormal_kind.data_ptr())  # moved: recompute
+        cached = self._retrieval_memo.get("real_subset")
+        if cached is not None and cached[1] == key:
+            return cached[0]
+        subset = self._select_real()
+        self._retrieval_memo["real_subset"] = (subset, key)
+        return subset
+
+    def _select_real(self):
         keep = torch.isin(self.abnormal_kind, torch.tensor(REAL_KINDS, dtype=torch.int32,
                                                             device=self.abnormal_kind.device))
         if not bool(keep.any()):
@@ -104,18 +117,23 @@ class KnowledgeRetrieval:
         q = q.float()
         scale = self.dist_scale.float()
         banks = (("normal", row_cls if self.bank_per_class else None), ("abnormal", None))
+        attention = "attention" in self.knowledge  # the only part reading all topk memories
         dists, resids, reads = [], [], []
         for name, cls in banks:
             derived = (self.abnormal_group, self.derived_links) if name == "abnormal" else ()
             dist, mem, resid = self._retrieve(
                 q, getattr(self, f"{name}_bank"), getattr(self, f"{name}_src"),
-                getattr(self, f"{name}_cls"), row_src, cls, derived, name, keys)
+                getattr(self, f"{name}_cls"), row_src, cls, derived, name, keys,
+                nearest_only=not attention)
             dists.append(dist[:, :1] / scale)
             resids.append(resid)
-            w = torch.softmax(-dist / (self.temperature * scale), dim=1)
-            reads.append((w.unsqueeze(-1) * mem).sum(1))
+            if attention:
+                w = torch.softmax(-dist / (self.temperature * scale), dim=1)
+                reads.append((w.unsqueeze(-1) * mem).sum(1))
         parts = {"normal_distance": dists[0], "abnormal_distance": dists[1],
-                 "residual": torch.cat(resids, 1), "attention": torch.cat(reads, 1)}
+                 "residual": torch.cat(resids, 1)}
+        if attention:
+            parts["attention"] = torch.cat(reads, 1)
         if "real_distance" in self.knowledge:
             real = self._real_subset()
             cap = torch.full_like(dists[0], REAL_DISTANCE_CAP)
@@ -124,7 +142,7 @@ class KnowledgeRetrieval:
             else:
                 bank, src, cls, derived = real
                 dist, _, _ = self._retrieve(q, bank, src, cls, row_src, None, derived, "real",
-                                            keys)
+                                            keys, nearest_only=True)
                 parts["real_distance"] = torch.minimum(dist[:, :1] / scale, cap)
         return parts
 
