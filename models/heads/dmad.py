@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from models.heads.dmad_banks import (CENTER_SAMPLING, KIND_CENTRE, KIND_PSEUDO,  # noqa: F401
                                      KIND_REAL, KIND_SAMPLE, KIND_TEXTURE, NORMAL_SHARE,
                                      BankBuilding)
-from models.heads.dmad_knowledge import KNOWLEDGE_PARTS, KnowledgeRetrieval
+from models.heads.dmad_knowledge import KNOWLEDGE_PARTS, REAL_DISTANCE_CAP, KnowledgeRetrieval
 from models.heads.memory_bank import BankState, downsample_mask
 from models.losses import PatchBCELoss, PatchFocalLoss  # noqa: F401  (their old home)
 from models.registry import MODELS
@@ -99,7 +99,8 @@ class DMAD(KnowledgeRetrieval, BankBuilding, BankState, nn.Module):
                  knowledge=KNOWLEDGE_PARTS, include_query=True, topk=5, temperature=1.0,
                  exclude_self=True, hidden=(256, 64), dropout=0.0, prior=0.01,
                  sigma=4.0, target="soft", query_chunk=4096, bank_chunk=16384,
-                 build_batch_size=None, seed=0, score="head", correction_bound=0.5):
+                 build_batch_size=None, seed=0, score="head", correction_bound=0.5,
+                 seen_bonus=0.0):
         super().__init__()
         self._retrieval_memo = {}  # {bank: {cache position: (h*w, topk) int32}}, not state
         dim = int(list(inplanes)[0]) if isinstance(inplanes, (list, tuple)) else int(inplanes)
@@ -128,6 +129,13 @@ class DMAD(KnowledgeRetrieval, BankBuilding, BankState, nn.Module):
             raise UserError(f"DMAD: score must be one of {list(SCORE_MODES)}, got '{score}'")
         if not float(correction_bound) > 0:
             raise UserError(f"DMAD: correction_bound must be > 0, got {correction_bound}")
+        if not 0.0 <= float(seen_bonus) < float("inf"):
+            raise UserError(f"DMAD: seen_bonus must be a finite number >= 0, got {seen_bonus}")
+        if float(seen_bonus) > 0 and (score != "normal_plus_correction"
+                                      or "real_distance" not in knowledge):
+            raise UserError("DMAD: seen_bonus needs score 'normal_plus_correction' and "
+                            f"'real_distance' in the knowledge (got score '{score}', "
+                            f"knowledge {knowledge})")
         if target not in ("soft", "hard"):
             raise UserError(f"DMAD: target must be 'soft' or 'hard', got '{target}'")
         for name, value in (("coreset_ratio", coreset_ratio),
@@ -174,6 +182,7 @@ class DMAD(KnowledgeRetrieval, BankBuilding, BankState, nn.Module):
         self.seed = int(seed)
         self.score = score
         self.correction_bound = float(correction_bound)
+        self.seen_bonus = float(seen_bonus)
         self.class_names = []
         self.build_info = {}
 
@@ -224,7 +233,20 @@ class DMAD(KnowledgeRetrieval, BankBuilding, BankState, nn.Module):
         b, _, h, w = z.shape
         d_n = parts["normal_distance"].view(b, h, w, 1).permute(0, 3, 1, 2)
         total = d_n + self.correction_bound * torch.tanh(out)
+        if self.seen_bonus > 0 and self._real_subset() is not None:
+            total = total + self.seen_bonus * self.seen_evidence(parts, b, h, w)
         return F.softplus(self.score_gain) * (total - self.score_offset)
+
+    @staticmethod
+    def seen_evidence(parts, b, h, w):
+        """(B, 1, h, w) in [0, 1): 1 - d_real / d_normal where a patch lies nearer to a memory
+        made from a labelled anomaly than to any normal memory, else 0 (and 0 beyond the cap
+        of ``real_distance``). Only seen anomalies can raise a score through it; without them
+        the term is not added, so the unsupervised model is unchanged."""
+        d_n = parts["normal_distance"].clamp_min(1e-6)
+        d_r = parts["real_distance"]
+        ratio = (1.0 - d_r / d_n).clamp_min(0.0) * (d_r < REAL_DISTANCE_CAP).to(d_n.dtype)
+        return ratio.view(b, h, w, 1).permute(0, 3, 1, 2)
 
     # ------------------------------------------------------------------ sizes and state
     def bank_nbytes(self):
