@@ -10,13 +10,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datasets.image_io import model_input
-from datasets.manifest_dataset import ManifestDataset
-from datasets.pseudo_anomaly import PseudoAnomalyDataset, apply_pseudo_anomaly
-from datasets.pseudo_anomaly_synthesis import (STREAM_BANK, PseudoAnomalySynthesizer,
+from dualmem.datasets.image_io import model_input
+from dualmem.datasets.manifest_dataset import ManifestDataset
+from dualmem.datasets.pseudo_anomaly import PseudoAnomalyDataset, apply_pseudo_anomaly
+from dualmem.datasets.pseudo_anomaly_synthesis import (STREAM_BANK, PseudoAnomalySynthesizer,
                                                list_textures, load_texture, procedural_texture,
                                                sample_rng, self_image_loader)
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 RECIPE_KEYS = ("texture_source", "texture_dir", "beta", "perlin_scale", "threshold", "rotate",
                "coverage", "texture_augmentations")

@@ -6,15 +6,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from datasets.manifest import read_manifest
-from datasets.manifest_dataset import Augment, ManifestDataset
-from utils.config_defaults import input_settings
-from utils.errors import UserError
+from dualmem.datasets.manifest import read_manifest
+from dualmem.datasets.manifest_dataset import Augment, ManifestDataset
+from dualmem.utils.config_defaults import input_settings
+from dualmem.utils.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-from datasets.prepare import SOURCES as PREPARED_TYPES  # noqa: E402  (the one list)
+from dualmem.datasets.prepare import SOURCES as PREPARED_TYPES  # noqa: E402  (the one list)
 
 
 def data_roots(cfg):
@@ -53,7 +53,7 @@ def locate_manifests(cfg, classes=None, log=None):
     ds = cfg.dataset
     kind = ds.get("type")
     if kind == "synthetic":
-        from datasets.synthetic import ensure_synthetic_dataset
+        from dualmem.datasets.synthetic import ensure_synthetic_dataset
 
         params = dict(ds.get("synthetic") or {})
         root = Path(params.pop("root", None) or REPO_ROOT / "data" / "synthetic")
@@ -61,7 +61,7 @@ def locate_manifests(cfg, classes=None, log=None):
         return str(root / "train.json"), str(root / "test.json"), str(root)
     roots = data_roots(cfg)
     if kind in PREPARED_TYPES and roots:
-        from datasets.prepare.cache import prepare_manifests
+        from dualmem.datasets.prepare.cache import prepare_manifests
 
         found = prepare_manifests(kind, roots, None if kind == "cifar10" else classes,
                                   source_options(ds), cache_dir=ds.get("cache_dir"),
@@ -148,7 +148,7 @@ def build_datasets(cfg, pixel_mean, pixel_std, class_name=None):
     train_records = subsample(train_records, train_cfg.get("subsample"), seed)
     test_records = subsample(test_records, test_cfg.get("subsample"), seed + 1)
     # DMAD's semi-supervised protocol: k annotated anomalies per class move from test to train
-    from datasets.seen_anomalies import apply_seen_anomalies, refuse_scored_anomalies
+    from dualmem.datasets.seen_anomalies import apply_seen_anomalies, refuse_scored_anomalies
     train_records, test_records, seen = apply_seen_anomalies(ds, train_records, test_records,
                                                              data_roots(cfg))
     refuse_scored_anomalies(train_records, test_records, image_dir)
@@ -157,12 +157,12 @@ def build_datasets(cfg, pixel_mean, pixel_std, class_name=None):
                       train_cfg.get("rotate", False), train_cfg.get("color_jitter"))
     common = dict(image_dir=image_dir, input_size=ds.input_size, pixel_mean=pixel_mean,
                   pixel_std=pixel_std, color_mode=color_mode, resize=resize)
-    from datasets.holdout import hold_out_goods  # goods kept apart for thresholds (#26)
+    from dualmem.datasets.holdout import hold_out_goods  # goods kept apart for thresholds (#26)
     train_records, holdout = hold_out_goods(cfg, train_records, test_records, common,
                                             data_roots(cfg), seed)
     train_set = ManifestDataset(train_records, augment=augment if augment.active else None,
                                 **common)
-    from datasets.pseudo_anomaly import wrap_pseudo_anomalies  # dataset.train.pseudo_anomaly
+    from dualmem.datasets.pseudo_anomaly import wrap_pseudo_anomalies  # dataset.train.pseudo_anomaly
     train_set = wrap_pseudo_anomalies(train_set, train_cfg.get("pseudo_anomaly"), seed)
     train_set.seen_anomalies = seen  # recorded in the results' protocol
     train_set.holdout = holdout  # None, or datasets.holdout.HeldOut (scored, never trained)

@@ -18,9 +18,9 @@ import logging
 import math
 from collections import OrderedDict
 
-from datasets.manifest import relative_name
-from utils.config_defaults import DEFAULTS
-from utils.thresholds import mask_status, threshold_settings, uses_goods
+from dualmem.datasets.manifest import relative_name
+from dualmem.utils.config_defaults import DEFAULTS
+from dualmem.utils.thresholds import mask_status, threshold_settings, uses_goods
 
 WHY = {"no_masks": "its anomalous test images have no masks",
        "no_anomalies": "its test set has no anomalies"}
@@ -63,7 +63,7 @@ def class_status(records):
 def hold_out_goods(cfg, train_records, test_records, common, roots=(), seed=0, log=None):
     """``(train_records left, HeldOut or None)``: the builder's one call. ``common``: the
     ManifestDataset arguments of the test set (the held-out images are read like it)."""
-    from datasets.manifest_dataset import ManifestDataset
+    from dualmem.datasets.manifest_dataset import ManifestDataset
 
     log = log or logging.getLogger("dualmem")
     settings = threshold_settings(cfg)
@@ -100,7 +100,7 @@ def hold_out_goods(cfg, train_records, test_records, common, roots=(), seed=0, l
     skipped = []
     ds = {**DEFAULTS["dataset"], **dict(cfg.dataset)}
     if held and ds["validate"]:  # as the Trainer checks its train and test sets
-        from datasets.validation import validate_records
+        from dualmem.datasets.validation import validate_records
 
         before = held
         held, _ = validate_records(held, common["image_dir"], "the held-out good images",

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import torch
 
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 
 class ImageReadError(UserError):

@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 REQUIRED_KEYS = ("filename", "label", "clsname")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

@@ -8,9 +8,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from datasets.image_io import (LEGACY_RESIZE, ImageReadError, check_resize,  # noqa: F401
+from dualmem.datasets.image_io import (LEGACY_RESIZE, ImageReadError, check_resize,  # noqa: F401
                                model_input, normalize, read_image, resize_mask, to_chw_uint8)
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 
 def read_binary_mask(path, expected_hw=None):

@@ -14,10 +14,10 @@ one every epoch (``pool: null``); with a pool the inputs come from a finite set 
 import torch
 from torch.utils.data import Dataset
 
-from datasets.pseudo_anomaly_synthesis import (STREAM_POOL, STREAM_TRAIN, STREAM_VARIANT,
+from dualmem.datasets.pseudo_anomaly_synthesis import (STREAM_POOL, STREAM_TRAIN, STREAM_VARIANT,
                                                PseudoAnomalySynthesizer, sample_rng,
                                                self_image_loader)
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 
 class PseudoAnomalyDataset(Dataset):

@@ -28,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 TEXTURE_SOURCES = ("folder", "procedural", "self")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".tga", ".ppm")
@@ -302,7 +302,7 @@ def recipe_kwargs(cfg):
 
 def self_image_loader(dataset):
     """(count, load) over the normal images of a ManifestDataset, for ``texture_source: self``."""
-    from datasets.image_io import LEGACY_RESIZE, read_image, resize_image
+    from dualmem.datasets.image_io import LEGACY_RESIZE, read_image, resize_image
 
     records = [r for r in dataset.records if int(r["label"]) == 0]
     size = tuple(dataset.input_size)

@@ -14,8 +14,8 @@ manifest), so the record holds no machine path and still names them after the da
 import zlib
 
 import numpy as np
-from datasets.manifest import relative_name
-from utils.errors import UserError
+from dualmem.datasets.manifest import relative_name
+from dualmem.utils.errors import UserError
 
 
 def split_seen_anomalies(test_records, num_per_class, seed=0, classes=None):

@@ -21,11 +21,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from datasets.manifest import write_manifest
-from datasets.prepare.mvtec import build_mvtec_records
-from datasets.synthetic_defects import apply_defect
-from datasets.synthetic_render import OBJECT, RENDERERS, TEXTURE
-from utils.errors import UserError
+from dualmem.datasets.manifest import write_manifest
+from dualmem.datasets.prepare.mvtec import build_mvtec_records
+from dualmem.datasets.synthetic_defects import apply_defect
+from dualmem.datasets.synthetic_render import OBJECT, RENDERERS, TEXTURE
+from dualmem.utils.errors import UserError
 
 # Bump whenever the drawing code (synthetic_render.py, synthetic_defects.py) changes, so
 # ensure_synthetic_dataset regenerates stale copies.

@@ -7,7 +7,7 @@ bump ``datasets.synthetic.GENERATOR_VERSION``.
 import cv2
 import numpy as np
 
-from datasets.synthetic_render import OBJECT, blob, grid, smooth_noise
+from dualmem.datasets.synthetic_render import OBJECT, blob, grid, smooth_noise
 
 
 def _luma(img):

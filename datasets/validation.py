@@ -9,7 +9,7 @@ from collections import defaultdict
 
 from PIL import Image
 from tqdm import tqdm
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 
 class DataValidationError(UserError):

@@ -1,6 +1,6 @@
 """UniAD's ``initializer`` config: how Linear/Conv weights of a head are initialised."""
 import torch.nn as nn
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 
 def initialize_from_cfg(module, cfg):

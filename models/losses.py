@@ -3,8 +3,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.registry import Registry
-from utils.errors import UserError
+from dualmem.models.registry import Registry
+from dualmem.utils.errors import UserError
 
 LOSSES = Registry("criterion")
 

@@ -10,8 +10,8 @@ import inspect
 import torch
 import torch.nn as nn
 
-from models.registry import MODELS
-from utils.errors import UserError
+from dualmem.models.registry import MODELS
+from dualmem.utils.errors import UserError
 
 
 class NetBuildError(UserError):
@@ -28,7 +28,7 @@ def _kwarg_specs():
     back to the default. The sizes are those of the transformer family, which would otherwise
     fail with a traceback once the model is built.
     """
-    from utils.config_schema import Fraction, Int, ListOf, Num, OptionalT, Positive
+    from dualmem.utils.config_schema import Fraction, Int, ListOf, Num, OptionalT, Positive
 
     return {
         "feature_jitter": OptionalT({"scale": Num(ge=0), "prob": Fraction}),
@@ -47,7 +47,7 @@ def net_kwarg_problems(net_cfg):
     keys and ranges (:func:`_kwarg_specs`). Run by config validation, so the run stops before
     any model, data or folder is made; an unknown kwarg name or a ``type`` that does not
     resolve is left to the build (also before any folder), which names it."""
-    from utils.config_validation import check_spec
+    from dualmem.utils.config_validation import check_spec
 
     specs = _kwarg_specs()
     problems = []

@@ -13,10 +13,13 @@ rule for a source trusted as a whole (:func:`trust_plugins`, :func:`trust_everyt
 """
 import difflib
 import importlib
+import os
+import sys
 
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
-_OWN_PACKAGE = "models"
+_OWN_PACKAGE = "models"  # as configs spell it (UniAD's dotted paths); imported as dualmem.models
+_IMPORT_PREFIX = "dualmem."
 _trusted_prefixes = set()  # module names the user named on the command line
 _trust_all = [False]
 
@@ -30,10 +33,10 @@ class UntrustedTypeError(UserError, KeyError):
 
 def trust_plugins(modules):
     """Import the modules the user named (``--plugins``): their classes may be built."""
-    for name in modules or ():
-        name = str(name).strip()
-        if not name:
-            continue
+    names = [n for n in (str(m).strip() for m in modules or ()) if n]
+    if names and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # a tool run as a script: its folder is first, not the cwd
+    for name in names:
         try:
             importlib.import_module(name)
         except ImportError as exc:
@@ -103,6 +106,8 @@ class Registry:
     def get(self, key):
         if not isinstance(key, str) or not key:
             raise UntrustedTypeError(f"{self.name} type must be a non-empty string, got {key!r}")
+        if key.startswith(_IMPORT_PREFIX + _OWN_PACKAGE + "."):
+            key = key[len(_IMPORT_PREFIX):]  # 'dualmem.models.X' is 'models.X'
         if key in self._entries:
             return self._entries[key]
         if "." in key:
@@ -110,7 +115,8 @@ class Registry:
             own = module_path == _OWN_PACKAGE or module_path.startswith(_OWN_PACKAGE + ".")
             if own or _trusted_module(module_path):
                 try:
-                    module = importlib.import_module(module_path)
+                    module = importlib.import_module(_IMPORT_PREFIX + module_path if own
+                                                     else module_path)
                 except ImportError:
                     module = None
                 if module is not None:

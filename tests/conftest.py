@@ -1,4 +1,4 @@
-"""Shared test setup: the repo root importable, two CPU threads, no network, tiny configs."""
+"""Shared test setup: `dualmem` bound to this checkout, two CPU threads, no network, tiny configs."""
 import os
 import sys
 from pathlib import Path
@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+import _checkout  # noqa: E402,F401  (`import dualmem` is this checkout, installed or not)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from conftest import ROOT
-from models.registry import MODELS, UntrustedTypeError, reset_trust, trust_plugins
+from dualmem.models.registry import MODELS, UntrustedTypeError, reset_trust, trust_plugins
 
 
 def evil_config(marker):
@@ -59,7 +59,7 @@ def test_plain_data_checkpoint_cannot_run_a_command(tmp_path, image, tool):
 
 
 def test_api_refuses_a_crafted_checkpoint(tmp_path):
-    from utils.detector import load_detector
+    from dualmem.utils.detector import load_detector
 
     marker = tmp_path / "pwned.txt"
     ckpt = evil_checkpoint(tmp_path / "evil.pth", marker)
@@ -124,7 +124,7 @@ class _Payload:
 
 
 def test_cifar_pickle_with_code_is_refused_by_name(tmp_path):
-    from datasets.prepare.cifar10 import PrepareError, _load_batch
+    from dualmem.datasets.prepare.cifar10 import PrepareError, _load_batch
 
     marker = tmp_path / "pwned.txt"
     path = tmp_path / "data_batch_1"
@@ -137,7 +137,7 @@ def test_cifar_pickle_with_code_is_refused_by_name(tmp_path):
 
 
 def test_cifar_official_structure_still_loads(tmp_path):
-    from datasets.prepare.cifar10 import _load_batch
+    from dualmem.datasets.prepare.cifar10 import _load_batch
 
     data = np.random.default_rng(0).integers(0, 256, (4, 3072), dtype=np.uint8)
     path = tmp_path / "data_batch_1"

@@ -56,7 +56,7 @@ SMALL = ["trainer.max_epoch=1", "dataset.synthetic.classes=[disc]", "dataset.syn
 
 
 def train_val(argv):
-    from tools import train_val as tool
+    from dualmem.tools import train_val as tool
 
     return tool.main(list(argv) + ["--no_progress", "--device", "cpu", "--threads", "1"])
 
@@ -78,7 +78,7 @@ def test_bad_value_is_one_error_line_and_leaves_no_folder(tmp_path, capsys, opts
 
 
 def test_the_shipped_configs_still_validate():
-    from utils.config import load_config
+    from dualmem.utils.config import load_config
 
     configs = sorted((ROOT / "experiments").rglob("*.yaml")) + sorted(
         (ROOT / "configs").rglob("*.yaml"))

@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 from conftest import ROOT, synthetic_dataset, tiny_dmad_net, tiny_net
-from tools import collect_results as C
+from dualmem.tools import collect_results as C
 
 
 def main(tool, argv):
-    from tools import train_unified, train_val
+    from dualmem.tools import train_unified, train_val
 
     module = {"train_val": train_val, "train_unified": train_unified}[tool]
     return module.main([str(a) for a in argv] + ["--no_progress", "--device", "cpu",
@@ -63,8 +63,8 @@ def test_another_seen_anomaly_draw_on_resume_is_refused_and_the_set_only_grows(
                               "dataset.seen_anomalies.seed=1", "trainer.max_epoch=2"])
     err = capsys.readouterr().err
     assert code == 2, err
-    from datasets.manifest import read_manifest
-    from datasets.seen_anomalies import split_seen_anomalies
+    from dualmem.datasets.manifest import read_manifest
+    from dualmem.datasets.seen_anomalies import split_seen_anomalies
 
     redrawn, _ = split_seen_anomalies(read_manifest(tmp_path / "data" / "test.json"), 1, seed=1)
     back_in_test = set(draw1) - {r["filename"] for r in redrawn}
@@ -110,7 +110,7 @@ def test_a_multi_root_run_evaluated_on_moved_data_refuses_its_seen_anomalies(
         tmp_path, capsys):
     """Files are identified by class and name relative to their root: moving both roots does
     not let the seen anomalies back into the test set; the record names them relative."""
-    from datasets.synthetic import generate_synthetic_dataset
+    from dualmem.datasets.synthetic import generate_synthetic_dataset
 
     roots = {}
     for name, cls in (("A", "disc"), ("B", "weave")):
@@ -160,7 +160,7 @@ def _png(path, size, value=90):
 def test_the_test_file_fingerprint_follows_the_files_not_the_folder(tmp_path):
     """Resized copies or an added image change the fingerprint (and the count); the same files
     in another folder do not."""
-    from datasets.manifest import data_summary
+    from dualmem.datasets.manifest import data_summary
 
     def tree(root, size, n=3):
         for i in range(n):
@@ -202,7 +202,7 @@ def test_results_and_collect_results_name_the_data_and_no_machine_path(tmp_path,
            "net": tiny_net()}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    from datasets.synthetic import ensure_synthetic_dataset
+    from dualmem.datasets.synthetic import ensure_synthetic_dataset
 
     params = dict(data["synthetic"])
     root = Path(params.pop("root"))
@@ -280,7 +280,7 @@ def test_results_and_collect_results_name_the_data_and_no_machine_path(tmp_path,
 def test_a_per_class_runs_combined_data_reads_per_class(tmp_path, capsys):
     """tools/train_per_class.py gives a protocol key that differs per class as {class: value};
     for ``data`` each value is that class's own {class: summary}: read as one summary each."""
-    from utils.results import _results_md
+    from dualmem.utils.results import _results_md
 
     summary = {c: {"train": 4, "test": n, "test_files": f"{c}0", "skipped": []}
                for c, n in (("a", 5), ("b", 6))}

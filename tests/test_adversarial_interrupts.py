@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from conftest import ROOT, synthetic_dataset, tiny_net
-from tools import sweep, train_per_class, train_val
-from utils.engine import Trainer
+from dualmem.tools import sweep, train_per_class, train_val
+from dualmem.utils.engine import Trainer
 
 CPU = ["--no_progress", "--device", "cpu", "--threads", "1"]
 
@@ -205,14 +205,14 @@ def test_a_new_run_into_a_folder_holding_a_record_is_refused(tmp_path, capsys, h
 
 # --- item 9: two override commands on one run at once --------------------------------------
 def _append_entries(folder, tag, n):
-    from utils.run_record import history_entry, update_record
+    from dualmem.utils.run_record import history_entry, update_record
 
     for i in range(n):
         update_record(folder, entries=[history_entry("evaluate", [(f"{tag}.{i}", 0, 1)])])
 
 
 def test_concurrent_record_updates_keep_every_history_entry(tmp_path):
-    from utils.run_record import write_record
+    from dualmem.utils.run_record import write_record
 
     write_record(tmp_path, {"tool": "train_val", "history": []})
     ctx = multiprocessing.get_context("fork")

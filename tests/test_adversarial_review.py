@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, synthetic_dataset, tiny_net
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 CPU = ["--no_progress", "--device", "cpu", "--threads", "1"]
 
@@ -48,7 +48,7 @@ BAD = [(["trainer.optimizer.kwargs.lr=.inf"], "'trainer.optimizer.kwargs.lr' mus
 @pytest.mark.parametrize("opts, expected", BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_nonfinite_negative_or_empty_values_are_refused_up_front(tmp_path, capsys, opts,
                                                                  expected):
-    from tools import train_val
+    from dualmem.tools import train_val
 
     run = tmp_path / "run"
     code = train_val.main(["--config", str(write_cfg(tmp_path)), "--work_dir", str(run),
@@ -60,8 +60,8 @@ def test_nonfinite_negative_or_empty_values_are_refused_up_front(tmp_path, capsy
 
 # --- a class name is a folder name -----------------------------------------------------------
 def test_a_manifest_class_name_that_is_a_path_is_refused(tmp_path, capsys):
-    from datasets.manifest import check_class_name, read_manifest
-    from tools import train_per_class
+    from dualmem.datasets.manifest import check_class_name, read_manifest
+    from dualmem.tools import train_per_class
 
     for bad in ("../../escaped", "/tmp/escaped", "a\\b", "..", "."):
         with pytest.raises(UserError, match="not a valid class name"):
@@ -89,8 +89,8 @@ def test_a_manifest_class_name_that_is_a_path_is_refused(tmp_path, capsys):
 def test_a_run_stopped_before_its_first_checkpoint_resumes(tmp_path, monkeypatch, capsys):
     """A signal (or a crash) in stage one left run.json but no checkpoint: --resume said
     'checkpoint not found' and a new start said 'continue it with --resume'."""
-    from tools import train_val
-    from utils.engine import Trainer
+    from dualmem.tools import train_val
+    from dualmem.utils.engine import Trainer
 
     def stopped(self):
         raise KeyboardInterrupt
@@ -108,7 +108,7 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes(tmp_path, monkeypatch
 # --- sweeps ----------------------------------------------------------------------------------
 def test_sweep_refuses_cells_sharing_a_folder_and_bad_cell_values_before_training(
         tmp_path, capsys):
-    from tools import sweep
+    from dualmem.tools import sweep
 
     cfg = write_cfg(tmp_path)
     for grid, expected in (("net.2.kwargs.hidden_dim=16,16", "several cells the folder"),
@@ -124,7 +124,7 @@ def test_sweep_refuses_cells_sharing_a_folder_and_bad_cell_values_before_trainin
 
 # --- the leak guard --------------------------------------------------------------------------
 def test_a_seen_anomaly_listed_twice_linked_or_copied_is_never_scored(tmp_path):
-    from datasets.seen_anomalies import refuse_scored_anomalies
+    from dualmem.datasets.seen_anomalies import refuse_scored_anomalies
 
     (tmp_path / "c" / "test" / "crack").mkdir(parents=True)
     seen = tmp_path / "c" / "test" / "crack" / "000.png"
@@ -146,8 +146,8 @@ def test_a_seen_anomaly_listed_twice_linked_or_copied_is_never_scored(tmp_path):
 
 def test_a_duplicated_test_record_of_a_drawn_seen_anomaly_stops_the_build(tmp_path):
     """The draw moves one record out of the test set; its twin stayed and was scored."""
-    from datasets.builder import build_datasets
-    from datasets.seen_anomalies import split_seen_anomalies
+    from dualmem.datasets.builder import build_datasets
+    from dualmem.datasets.seen_anomalies import split_seen_anomalies
     from easydict import EasyDict
 
     (tmp_path / "c" / "test" / "crack").mkdir(parents=True)
@@ -175,7 +175,7 @@ def test_a_duplicated_test_record_of_a_drawn_seen_anomaly_stops_the_build(tmp_pa
 
 # --- hand edits ------------------------------------------------------------------------------
 def test_a_hand_edit_of_a_class_config_is_refused_on_per_class_resume(tmp_path, capsys):
-    from tools import train_per_class
+    from dualmem.tools import train_per_class
 
     work = tmp_path / "run"
     assert train_per_class.main(["--config", str(write_cfg(tmp_path)), "--work_dir",
@@ -200,8 +200,8 @@ def test_a_hand_edit_of_a_class_config_is_refused_on_per_class_resume(tmp_path, 
 def test_synthetic_root_never_overwrites_a_folder_of_other_data(tmp_path):
     """A config (or a received run folder) pointing dataset.synthetic.root at real data must
     not delete its class folders or manifests."""
-    from datasets.synthetic import ensure_synthetic_dataset
-    from utils.errors import UserError
+    from dualmem.datasets.synthetic import ensure_synthetic_dataset
+    from dualmem.utils.errors import UserError
 
     real = tmp_path / "mydata"
     (real / "disc" / "train" / "good").mkdir(parents=True)

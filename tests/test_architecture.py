@@ -14,19 +14,54 @@ from conftest import ROOT, synthetic_dataset, tiny_net
 def test_models_and_utils_keep_their_boundaries():
     for path in (ROOT / "models").rglob("*.py"):
         text = path.read_text(encoding="utf-8")
-        assert not re.search(r"^\s*(import datasets|from datasets)", text, re.M), path
-        assert not re.search(r"^\s*(from|import) utils\.engine", text, re.M), path
+        assert not re.search(r"^\s*(from|import) dualmem(\.datasets\b| import datasets)",
+                             text, re.M), path
+        assert not re.search(r"^\s*(from|import) dualmem\.utils\.engine", text, re.M), path
     for path in (ROOT / "utils").glob("*.py"):  # only the engine imports the engine
-        assert not re.search(r"^\s*(from|import) utils\.engine", path.read_text(encoding="utf-8"), re.M), path
+        assert not re.search(r"^\s*(from|import) dualmem\.utils\.engine",
+                             path.read_text(encoding="utf-8"), re.M), path
     for path in [*(ROOT / "models").rglob("*.py"), *(ROOT / "utils").rglob("*.py"),
                  *(ROOT / "datasets").rglob("*.py"), *(ROOT / "tools").rglob("*.py")]:
         n = len(path.read_text(encoding="utf-8").splitlines())
         assert n <= 400, f"{path.relative_to(ROOT)} has {n} lines"
 
 
+PACKAGES = ("models", "datasets", "utils", "tools")
+
+
+def test_dualmem_imports_itself_only_as_dualmem():
+    """No module imports a DualMem package by its bare name (``utils``, ``models``, ...), so
+    installed it never clashes with a user's own packages or Hugging Face ``datasets``, and
+    never loads a second copy of a module (two registries) beside ``dualmem.*``."""
+    import ast
+
+    bare = []
+    for path in [*(ROOT / "tests").glob("*.py"),
+                 *(p for name in PACKAGES for p in (ROOT / name).rglob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bare += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in PACKAGES]
+    assert not bare, bare
+    # every module imported from the checkout, in a fresh interpreter run from the root (the
+    # worst case: the root is on sys.path): none of them under a bare name
+    probe = ("import importlib, pkgutil, sys; sys.path.insert(0, sys.argv[1] + '/tools');"
+             " import _checkout;"
+             " done = [importlib.import_module(m.name) for p in " + repr(PACKAGES) + " for m"
+             " in pkgutil.walk_packages([sys.argv[1] + '/' + p], 'dualmem.' + p + '.')];"
+             " print(len(done));"
+             " print(sorted(n for n in sys.modules if n.split('.')[0] in " + repr(PACKAGES) + "))")
+    import subprocess
+    proc = subprocess.run([sys.executable, "-c", probe, str(ROOT)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    count, loaded = proc.stdout.strip().splitlines()
+    assert int(count) > 100 and loaded == "[]", proc.stdout
+
+
 @pytest.mark.slow
 def test_the_toy_head_of_the_add_method_page_trains_and_evaluates_from_yaml(tmp_path, monkeypatch):
-    from tools import train_val
+    from dualmem.tools import train_val
 
     readme = (ROOT / "docs" / "dev" / "add-method.md").read_text(encoding="utf-8")
     code = re.search(r"<!-- toy-head -->\s*```python\n(.*?)```", readme, re.S).group(1)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.backbones import pretrained as P
-from models.backbones.timm_backbone import TimmBackbone, efficientnet_lite0, resnet18
-from models.registry import MODELS
+from dualmem.models.backbones import pretrained as P
+from dualmem.models.backbones.timm_backbone import TimmBackbone, efficientnet_lite0, resnet18
+from dualmem.models.registry import MODELS
 
 _REAL_NETWORK_AVAILABLE = P.network_available
 LITE0 = P.package_weights_path("tf_efficientnet_lite0")

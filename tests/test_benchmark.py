@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, tiny_dmad_net, tiny_net
-from tools import benchmark
+from dualmem.tools import benchmark
 
 
 def write_config(tmp_path, net, criterion=None):
@@ -70,7 +70,7 @@ def test_benchmark_tools_share_the_measurements_and_results_writer(tmp_path, cap
     (one implementation of each), and the results file is written atomically."""
     import re
 
-    from tools import _bench
+    from dualmem.tools import _bench
 
     for path in sorted((ROOT / "tools").glob("benchmark*.py")):
         text = path.read_text(encoding="utf-8")

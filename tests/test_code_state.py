@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from conftest import ROOT, synthetic_dataset, tiny_net
-from utils import code_state
+from dualmem.utils import code_state
 
 
 def git(cwd, *args):
@@ -102,7 +102,7 @@ def test_environment_is_plain_strings():
 @pytest.mark.slow
 def test_run_keeps_its_diff_and_a_resume_under_other_code_is_in_the_protocol(tmp_path,
                                                                              monkeypatch):
-    from tools import train_val
+    from dualmem.tools import train_val
 
     cfg = {"_base_": str(ROOT / "configs" / "runtime.yaml"), "random_seed": 7,
            "dataset": synthetic_dataset(tmp_path / "data", seed=3),

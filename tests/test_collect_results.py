@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from tools import collect_results as C
+from dualmem.tools import collect_results as C
 
 BASE = {"dataset": "synthetic", "classes": ["a", "b"], "setting": "unified",
         "input_size": [64, 64], "epochs": 2, "reported": "final epoch (2)", "seed": 5,
@@ -202,7 +202,8 @@ def test_command_line_prints_markdown_without_importing_torch(tree):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("# Results of 2 run(s)")
     assert "| lr=0.001 " in proc.stdout
-    probe = ("import sys; sys.path.insert(0, sys.argv[1]); from tools import collect_results as c;"
+    probe = ("import sys; sys.path.insert(0, sys.argv[1] + '/tools'); import _checkout;"
+             " from dualmem.tools import collect_results as c;"
              " c.main([sys.argv[2]]); print('torch' in sys.modules, file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", probe, str(ROOT), str(root / "sweep")],
                           capture_output=True, text=True, timeout=120)

@@ -3,7 +3,7 @@ import textwrap
 
 import pytest
 
-from utils.config import ConfigError, load_config, merge_dicts
+from dualmem.utils.config import ConfigError, load_config, merge_dicts
 
 
 def write(path, text):
@@ -177,7 +177,7 @@ def test_config_file_exponent_floats_are_numbers(tree):
 
 
 def test_opts_exponent_float_is_a_number(tree):
-    from utils.config import parse_override
+    from dualmem.utils.config import parse_override
 
     assert parse_override("trainer.optimizer.kwargs.lr=1e-4") == (
         ["trainer", "optimizer", "kwargs", "lr"], 1e-4)
@@ -192,8 +192,8 @@ def test_opts_exponent_float_is_a_number(tree):
 
 
 def test_sweep_grid_exponent_values_are_numbers(tree):
-    from utils.sweep import parse_grid
-    from utils.config import parse_override
+    from dualmem.utils.sweep import parse_grid
+    from dualmem.utils.config import parse_override
 
     [(key, values)] = parse_grid(["trainer.optimizer.kwargs.lr=1e-4,5e-4"])
     parsed = [parse_override(f"{key}={v}")[1] for v in values]
@@ -206,7 +206,7 @@ def test_sweep_grid_exponent_values_are_numbers(tree):
 def test_yaml_numbers_do_not_change_pyyaml_globally():
     import yaml
 
-    import utils.config  # noqa: F401  (the loader is defined on import)
+    import dualmem.utils.config  # noqa: F401  (the loader is defined on import)
 
     assert yaml.safe_load("1e-4") == "1e-4"
 
@@ -238,7 +238,7 @@ def test_string_for_a_number_names_key_and_opts(tree, opt, key):
 
 
 def test_saved_floats_reload_as_floats(tree, tmp_path):
-    from utils.config import save_config
+    from dualmem.utils.config import save_config
 
     _, path = tree
     cfg = load_config(path, ["trainer.optimizer.kwargs.lr=1e-4",
@@ -285,9 +285,9 @@ def test_defaults_are_runtime_yaml_both_ways_and_a_bare_config_gets_them(tmp_pat
     import yaml
 
     from conftest import ROOT
-    from utils.config import load_config
-    from utils.config_defaults import DEFAULTS, input_settings
-    from utils.evaluator import evaluator_settings
+    from dualmem.utils.config import load_config
+    from dualmem.utils.config_defaults import DEFAULTS, input_settings
+    from dualmem.utils.evaluator import evaluator_settings
 
     runtime = yaml.safe_load((ROOT / "configs" / "runtime.yaml").read_text())
     defaults = dict(_leaves(DEFAULTS))
@@ -322,7 +322,7 @@ def test_defaults_fill_sections_and_give_typed_blocks_whole(tmp_path):
     default whole."""
     import yaml
 
-    from utils.config import load_config, to_plain
+    from dualmem.utils.config import load_config, to_plain
 
     own = {"dataset": {"image_reader": {"type": "pil"}, "train": {"hflip": True}},
            "trainer": {"optimizer": {"kwargs": {"lr": 0.5}}, "lr_scheduler": None}, "net": []}
@@ -364,7 +364,7 @@ def test_unused_uniad_keys_get_a_one_line_warning(tmp_path, capsys):
     import yaml
 
     from conftest import ROOT
-    from utils.run_plan import load_cfg
+    from dualmem.utils.run_plan import load_cfg
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({

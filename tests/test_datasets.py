@@ -10,9 +10,9 @@ import yaml
 from easydict import EasyDict
 
 from conftest import ROOT, tiny_net
-from datasets.builder import build_datasets, subsample
-from datasets.image_io import ImageReadError
-from datasets.manifest_dataset import Augment, ManifestDataset, read_binary_mask
+from dualmem.datasets.builder import build_datasets, subsample
+from dualmem.datasets.image_io import ImageReadError
+from dualmem.datasets.manifest_dataset import Augment, ManifestDataset, read_binary_mask
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
 
@@ -216,7 +216,7 @@ def tiny_cfg(tmp_path, **dataset):
 @pytest.mark.slow
 def test_cifar_protocol_end_to_end_on_a_subsample(tmp_path):
     from tests.test_prepare_data import make_cifar_tree
-    from tools import train_val
+    from dualmem.tools import train_val
 
     root = make_cifar_tree(tmp_path / "cifar", n_train=8, n_test=6)
     data = tiny_cfg(tmp_path, type="cifar10", cifar10={"normal_classes": [1, 3, 5, 7, 9]},
@@ -236,7 +236,7 @@ def test_cifar_protocol_end_to_end_on_a_subsample(tmp_path):
 
 @pytest.mark.slow
 def test_per_class_sweep_gives_one_table_with_the_mean(tmp_path):
-    from tools import train_per_class
+    from dualmem.tools import train_per_class
 
     data = tiny_cfg(tmp_path, type="synthetic",
                     synthetic={"root": str(tmp_path / "data"), "seed": 3,
@@ -280,7 +280,7 @@ def test_per_class_sweep_gives_one_table_with_the_mean(tmp_path):
 @pytest.mark.slow
 def test_unified_over_two_roots(tmp_path):
     from tests.test_prepare_data import make_mvtec
-    from tools import train_unified
+    from dualmem.tools import train_unified
 
     a = make_mvtec(tmp_path / "a", classes=("bottle",), size=(64, 64), n_train=4)
     b = make_mvtec(tmp_path / "b", classes=("pcb",), size=(64, 64), n_train=4)

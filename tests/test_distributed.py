@@ -49,7 +49,7 @@ def _worker(rank, world, ports, argv_list, codes_dir, tool="train_val"):
     torch.set_num_threads(1)
     import importlib
 
-    module = importlib.import_module(f"tools.{tool}")
+    module = importlib.import_module(f"dualmem.tools.{tool}")
     for i, argv in enumerate(argv_list):
         os.environ["MASTER_PORT"] = str(ports[i])
         code = module.main(argv)
@@ -75,7 +75,7 @@ def test_two_process_training_and_evaluation_match_single_process(tmp_path):
     assert len(ddp_eval) == 1
     ddp_results = json.loads((ddp_eval[0] / "results.json").read_text())
 
-    from tools import train_val
+    from dualmem.tools import train_val
 
     assert train_val.main(["--work_dir", str(ddp), "--evaluate", "--checkpoint",
                            str(ddp / "checkpoints" / "last.pth"), "--no_progress",
@@ -99,7 +99,7 @@ def test_two_process_training_and_evaluation_match_single_process(tmp_path):
 def test_train_unified_under_two_processes_writes_one_run_with_the_same_metrics(tmp_path):
     """torchrun with train_unified.py: one run folder (rank 0 names it, every rank uses it),
     one log, and the two-process evaluation equals a single-process one of the checkpoint."""
-    from tools import train_unified
+    from dualmem.tools import train_unified
 
     cfg = make_config(tmp_path, epochs=2, val_freq=2)
     common = ["--config", str(cfg), "--no_progress", "--device", "cpu"]

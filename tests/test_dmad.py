@@ -10,11 +10,11 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import ROOT, synthetic_dataset, tiny_dmad_net
-from datasets.seen_anomalies import apply_seen_anomalies, split_seen_anomalies
-from utils.engine.stage_one import prefix_extractor, stage_one_data
-from models.heads.dmad import (DMAD, PatchBCELoss, PatchFocalLoss,
+from dualmem.datasets.seen_anomalies import apply_seen_anomalies, split_seen_anomalies
+from dualmem.utils.engine.stage_one import prefix_extractor, stage_one_data
+from dualmem.models.heads.dmad import (DMAD, PatchBCELoss, PatchFocalLoss,
                                gaussian_blur)
-from models.heads.memory_bank import (StreamingCoreset, filter_patches, greedy_coreset, kmeans,
+from dualmem.models.heads.memory_bank import (StreamingCoreset, filter_patches, greedy_coreset, kmeans,
                                       greedy_coreset_stepwise,
                                       knn, min_distance_per_group)
 
@@ -286,7 +286,7 @@ def test_head_shapes_and_gradients():
 def test_retrieval_memo_gives_the_same_step_and_searches_each_input_once(monkeypatch):
     """Fixed inputs (``cache_index``) keep their retrieval: the same logits and gradients as a
     fresh search, leave-one-image-out kept, and a second visit searches nothing."""
-    import models.heads.dmad_knowledge as dmad_module  # where retrieval lives
+    import dualmem.models.heads.dmad_knowledge as dmad_module  # where retrieval lives
 
     head = _head_with_banks().train()
     feats = torch.randn(3, 6, 4, 4)
@@ -441,14 +441,14 @@ def test_build_banks_contents_and_memory_cap():
 
 
 def _model(tmp_path):
-    from models import ModelHelper
+    from dualmem.models import ModelHelper
 
     torch.manual_seed(0)
     return ModelHelper(tiny_dmad_net(), input_size=[32, 32])
 
 
 def test_checkpoint_round_trip_resizes_banks(tmp_path):
-    from utils.checkpoint import load_checkpoint, save_checkpoint
+    from dualmem.utils.checkpoint import load_checkpoint, save_checkpoint
 
     model = _model(tmp_path)
     assert model.frozen_prefix == ["backbone", "neck"]
@@ -472,7 +472,7 @@ def test_checkpoint_round_trip_resizes_banks(tmp_path):
 
 # ----------------------------------------------------------------------------- neck
 def test_patchcore_neck_local_average_upsample_and_projection():
-    from models.necks.patchcore import PatchCoreNeck
+    from dualmem.models.necks.patchcore import PatchCoreNeck
 
     g = torch.Generator().manual_seed(0)
     f1, f2 = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 6, 4, 4, generator=g)
@@ -516,7 +516,7 @@ def _write_config(tmp_path, seen=0, join=True):
 
 @pytest.mark.slow
 def test_dmad_end_to_end_semi_supervised_and_evaluate(tmp_path):
-    from tools import train_val
+    from dualmem.tools import train_val
 
     cfg = _write_config(tmp_path, seen=2)
     run = tmp_path / "run"
@@ -546,8 +546,8 @@ def _csv(run):
 
 
 def test_dmad_experiment_configs_load_and_lite_builds():
-    from models import ModelHelper
-    from utils.config import load_config
+    from dualmem.models import ModelHelper
+    from dualmem.utils.config import load_config
 
     files = sorted((ROOT / "experiments").glob("*/dmad/*.yaml")) + sorted(
         (ROOT / "experiments" / "demo").glob("dmad*.yaml"))
@@ -584,8 +584,8 @@ def test_dmad_experiment_configs_load_and_lite_builds():
 def test_pseudo_anomaly_pool_is_cached_and_trains_as_uncached(tmp_path):
     """``pseudo_anomaly.pool``: the feature cache holds every version of every image, and
     training from it (with DMAD's retrieval memo) follows the uncached run's losses."""
-    from utils.config import load_config
-    from utils.engine import Trainer
+    from dualmem.utils.config import load_config
+    from dualmem.utils.engine import Trainer
 
     cfg_path = _write_config(tmp_path, seen=1)
     losses = {}
@@ -615,7 +615,7 @@ def test_pseudo_anomaly_pool_is_cached_and_trains_as_uncached(tmp_path):
 def test_benchmark_dmad_times_training_against_a_baseline(tmp_path):
     """tools/benchmark_dmad.py: banks, epoch seconds of both variants and their ratios in
     the JSON; the pooled config trains from cached features, the baseline cannot."""
-    from tools import benchmark_dmad
+    from dualmem.tools import benchmark_dmad
 
     cfg = _write_config(tmp_path)
     out = tmp_path / "bench.json"

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.heads.dmad import KIND_REAL, KIND_SAMPLE, KIND_TEXTURE
-from models.heads.dmad_reference import DMADReference
-from models.losses import DMADHingeLoss
+from dualmem.models.heads.dmad import KIND_REAL, KIND_SAMPLE, KIND_TEXTURE
+from dualmem.models.heads.dmad_reference import DMADReference
+from dualmem.models.losses import DMADHingeLoss
 from test_dmad_training_signal import _extractor, _SeenAnomalies
-from utils.engine.stage_one import stage_one_data
+from dualmem.utils.engine.stage_one import stage_one_data
 
 
 def _head(dim=6, **kw):
@@ -140,7 +140,7 @@ def test_training_step_separates_normal_from_noise_and_real_anomalies():
 def test_empty_kmeans_clusters_are_excluded_for_every_image_of_their_class():
     """Identical anomalous patches leave k-means clusters empty; their centres copy a patch,
     so they must not be retrieved for any image of the class (and must not break retrieval)."""
-    from models.heads.dmad import DMAD
+    from dualmem.models.heads.dmad import DMAD
 
     head = DMAD([4], [4], input_size=[16, 16], knowledge=["distance"], include_query=False,
                 num_centers=3, center_samples=2, hidden=[4])
@@ -154,7 +154,7 @@ def test_empty_kmeans_clusters_are_excluded_for_every_image_of_their_class():
 
 
 def test_a_mistyped_outlier_texture_key_is_a_user_error():
-    from utils.errors import UserError
+    from dualmem.utils.errors import UserError
 
     with pytest.raises(UserError, match=r"outlier_textures: unknown key\(s\) \['dir'\]"):
         DMADReference([8], [4], input_size=[16, 16], outlier_textures={"dir": "DTD/images"})

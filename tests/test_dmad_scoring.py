@@ -4,9 +4,9 @@ anomaly as knowledge."""
 import pytest
 import torch
 
-from models.heads.dmad import DMAD
-from models.heads.dmad_banks import KIND_CENTRE, KIND_PSEUDO, KIND_REAL
-from models.heads.dmad_knowledge import REAL_DISTANCE_CAP
+from dualmem.models.heads.dmad import DMAD
+from dualmem.models.heads.dmad_banks import KIND_CENTRE, KIND_PSEUDO, KIND_REAL
+from dualmem.models.heads.dmad_knowledge import REAL_DISTANCE_CAP
 
 
 def head_with_banks(kinds, dim=6, **kw):
@@ -86,7 +86,7 @@ def test_real_distance_without_labelled_anomalies_is_the_cap():
 
 
 def test_bad_score_settings_are_refused():
-    from utils.errors import UserError
+    from dualmem.utils.errors import UserError
 
     with pytest.raises(UserError, match="score must be one of"):
         DMAD([6], [4], input_size=[16, 16], score="sum")
@@ -110,3 +110,54 @@ def test_distances_alone_equal_the_full_knowledge_s_and_the_real_subset_follows_
     lean._set_bank("abnormal", lean.abnormal_bank + 5, lean.abnormal_src, lean.abnormal_cls,
                    lean.abnormal_kind)
     assert not torch.allclose(lean.knowledge_features(q)[:, 2], before)
+
+
+def _totals(head, x):
+    """The patch scores before the monotone gain: d_n + correction (+ the seen bonus)."""
+    logits = head({"feature_align": x})["patch_logits"].permute(0, 2, 3, 1).reshape(-1)
+    return (logits / torch.nn.functional.softplus(head.score_gain) + head.score_offset).detach()
+
+
+def test_seen_bonus_raises_only_patches_nearer_a_labelled_anomaly_than_any_normal_memory():
+    kinds = [KIND_PSEUDO, KIND_REAL, KIND_PSEUDO, KIND_REAL, KIND_PSEUDO]
+    kw = dict(knowledge=["distance", "real_distance"], score="normal_plus_correction")
+    plain, bonus = head_with_banks(kinds, **kw).eval(), head_with_banks(
+        kinds, seen_bonus=2.0, **kw).eval()
+    bonus.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 6, 4, 4, generator=torch.Generator().manual_seed(3)) + 1.0
+    x[0, :, 0, 0] = plain.abnormal_bank[1] + 0.05  # a patch at a labelled anomaly's memory
+    x[1, :, 2, 2] = plain.normal_bank[4]           # a patch at a normal memory
+    q = x.permute(0, 2, 3, 1).reshape(-1, 6).double()
+    d_n = torch.cdist(q, plain.normal_bank.double()).min(1).values / 2.0
+    d_r = torch.cdist(q, plain.abnormal_bank[[1, 3]].double()).min(1).values / 2.0
+    expected = 2.0 * (1 - d_r / d_n).clamp(min=0) * (d_r < REAL_DISTANCE_CAP)
+    added = (_totals(bonus, x) - _totals(plain, x)).double()
+    torch.testing.assert_close(added, expected, atol=1e-4, rtol=1e-4)
+    assert float(added[0]) > 1.5 and float(added[16 + 2 * 4 + 2]) == 0.0
+    assert float(added.min()) >= 0.0  # upward only
+
+
+def test_seen_bonus_leaves_a_model_without_labelled_anomalies_unchanged():
+    kw = dict(knowledge=["distance", "real_distance"], score="normal_plus_correction")
+    plain = head_with_banks([KIND_PSEUDO, KIND_CENTRE] * 3, **kw).eval()
+    bonus = head_with_banks([KIND_PSEUDO, KIND_CENTRE] * 3, seen_bonus=5.0, **kw).eval()
+    bonus.load_state_dict(plain.state_dict())
+    x = 10 * torch.randn(2, 6, 4, 4)  # far from everything: d_n beyond the cap as well
+    assert torch.equal(_totals(bonus, x), _totals(plain, x))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(seen_bonus=-1.0, score="normal_plus_correction", knowledge=["real_distance"]),
+     "seen_bonus must be a finite number >= 0"),
+    (dict(seen_bonus=float("inf"), score="normal_plus_correction", knowledge=["real_distance"]),
+     "seen_bonus must be a finite number >= 0"),
+    (dict(seen_bonus=1.0, score="head", knowledge=["distance", "real_distance"]),
+     "seen_bonus needs score 'normal_plus_correction'"),
+    (dict(seen_bonus=1.0, score="normal_plus_correction", knowledge=["distance"]),
+     "'real_distance' in the knowledge"),
+])
+def test_bad_seen_bonus_settings_are_refused(kw, match):
+    from dualmem.utils.errors import UserError
+
+    with pytest.raises(UserError, match=match):
+        DMAD([6], [4], input_size=[16, 16], **kw)

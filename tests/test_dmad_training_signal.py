@@ -6,9 +6,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.heads.dmad import DMAD
-from models.heads.memory_bank import downsample_mask
-from utils.engine.stage_one import stage_one_data
+from dualmem.models.heads.dmad import DMAD
+from dualmem.models.heads.memory_bank import downsample_mask
+from dualmem.utils.engine.stage_one import stage_one_data
 
 
 class _SeenAnomalies:

@@ -95,7 +95,7 @@ def test_yaml_and_json_blocks_parse():
 
 
 def tool_help(name):
-    module = __import__(f"tools.{name}", fromlist=["main"])
+    module = __import__(f"dualmem.tools.{name}", fromlist=["main"])
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
@@ -134,7 +134,7 @@ def test_tool_commands_name_real_flags():
 def test_a_toy_loss_registers_and_trains():
     import torch
 
-    from models.losses import LOSSES, Criterion
+    from dualmem.models.losses import LOSSES, Criterion
 
     run_snippet("toy-loss")
     try:
@@ -156,12 +156,12 @@ def test_a_toy_loss_registers_and_trains():
 def test_a_toy_dataset_source_builds_checks_and_caches(tmp_path, monkeypatch):
     import cv2
 
-    import datasets.prepare as prepare
-    from datasets.prepare import build_source, check_records, write_prepared
-    from datasets.prepare.cache import prepare_one
+    import dualmem.datasets.prepare as prepare
+    from dualmem.datasets.prepare import build_source, check_records, write_prepared
+    from dualmem.datasets.prepare.cache import prepare_one
 
-    toy = run_snippet("toy-source", "datasets.prepare.toy")
-    monkeypatch.setitem(sys.modules, "datasets.prepare.toy", toy)
+    toy = run_snippet("toy-source", "dualmem.datasets.prepare.toy")
+    monkeypatch.setitem(sys.modules, "dualmem.datasets.prepare.toy", toy)
     monkeypatch.setattr(prepare, "SOURCES", prepare.SOURCES + ("toy",))
     root = tmp_path / "widget"
     rng = np.random.default_rng(0)
@@ -181,10 +181,10 @@ def test_a_toy_dataset_source_builds_checks_and_caches(tmp_path, monkeypatch):
 
 
 def test_a_toy_metric_reaches_the_result_tables(monkeypatch):
-    from tools import collect_results
-    from utils import evaluator, metrics
-    from utils.ranking_curve import _build_curve, _to_numpy
-    from utils.results import results_table
+    from dualmem.tools import collect_results
+    from dualmem.utils import evaluator, metrics
+    from dualmem.utils.ranking_curve import _build_curve, _to_numpy
+    from dualmem.utils.results import results_table
 
     tpr_at_fpr = run_snippet("toy-metric").tpr_at_fpr
     toy = "image_tpr_at_5fpr"
@@ -229,11 +229,11 @@ def test_a_toy_metric_reaches_the_result_tables(monkeypatch):
 def test_a_toy_export_format_exports_and_loads_back(tmp_path, monkeypatch):
     import cv2
 
-    from tools import train_val
-    from utils import exported_model
-    from utils.detector import load_detector
-    from utils.exported_model import ExportedModel, run_exported
-    from utils.exporting import export_checkpoint
+    from dualmem.tools import train_val
+    from dualmem.utils import exported_model
+    from dualmem.utils.detector import load_detector
+    from dualmem.utils.exported_model import ExportedModel, run_exported
+    from dualmem.utils.exporting import export_checkpoint
 
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump({

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models  # noqa: F401  (registers everything)
+from dualmem import models  # noqa: F401  (registers everything)
 from conftest import tiny_net
-from models.model_builder import ModelHelper
-from models.reconstructions.memory import (FUSION_MODES, AttentionFusion, ChannelMemory,
+from dualmem.models.model_builder import ModelHelper
+from dualmem.models.reconstructions.memory import (FUSION_MODES, AttentionFusion, ChannelMemory,
                                            GateFusion, SpatialMemory, build_fusion,
                                            pairwise_ssim, ssim, ssim_kernel)
-from models.reconstructions.uniad_memory import MEMORY_MODES, UniADMemory
-from models.registry import MODELS
+from dualmem.models.reconstructions.uniad_memory import MEMORY_MODES, UniADMemory
+from dualmem.models.registry import MODELS
 
 structural_similarity = pytest.importorskip("skimage.metrics").structural_similarity
 

@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from conftest import ROOT, synthetic_dataset, tiny_net
-from tools import train_val
+from dualmem.tools import train_val
 
 pytestmark = pytest.mark.slow
 
@@ -110,7 +110,7 @@ def test_user_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
 
 
 def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch):
-    from utils.engine import Trainer
+    from dualmem.utils.engine import Trainer
 
     cfg = make_config(tmp_path, epochs=4, val_freq=2)
     full, part = tmp_path / "full", tmp_path / "part"
@@ -140,8 +140,8 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch)
 
 
 def test_feature_cache_gives_the_same_loss_trajectory(tmp_path):
-    from utils.config import load_config
-    from utils.engine import Trainer
+    from dualmem.utils.config import load_config
+    from dualmem.utils.engine import Trainer
 
     cfg_path = make_config(tmp_path, epochs=3)
     losses, finals = {}, {}
@@ -165,8 +165,8 @@ def test_disk_feature_cache_is_reused_and_keyed_by_the_data(tmp_path):
     image file or the cache dtype gives a new key (a rebuild, never a stale hit)."""
     import os
 
-    from utils.config import load_config
-    from utils.engine import Trainer
+    from dualmem.utils.config import load_config
+    from dualmem.utils.engine import Trainer
 
     cfg_path = make_config(tmp_path, epochs=2)
     cache_dir = tmp_path / "cache"
@@ -209,8 +209,8 @@ def test_disk_feature_cache_is_reused_and_keyed_by_the_data(tmp_path):
 def test_channels_last_and_compile_train_like_the_default(tmp_path):
     """``trainer.channels_last`` and ``trainer.compile`` change speed, not results (dropout on:
     the CPU fast-dropout attention and mask draws run eagerly inside the compiled step)."""
-    from utils.config import load_config
-    from utils.engine import Trainer
+    from dualmem.utils.config import load_config
+    from dualmem.utils.engine import Trainer
 
     cfg_path = make_config(tmp_path, epochs=1)
     losses = {}
@@ -233,8 +233,8 @@ def test_channels_last_and_compile_train_like_the_default(tmp_path):
 def test_compile_without_a_cxx_compiler_is_a_clear_error(tmp_path, monkeypatch):
     import shutil
 
-    from utils.config import load_config
-    from utils.engine import Trainer
+    from dualmem.utils.config import load_config
+    from dualmem.utils.engine import Trainer
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     cfg = load_config(make_config(tmp_path), ["trainer.compile=true"])
@@ -243,8 +243,8 @@ def test_compile_without_a_cxx_compiler_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_feature_cache_true_with_augmentation_is_refused(tmp_path):
-    from utils.config import load_config
-    from utils.engine import Trainer
+    from dualmem.utils.config import load_config
+    from dualmem.utils.engine import Trainer
 
     cfg = load_config(make_config(tmp_path), ["trainer.feature_cache=true",
                                               "dataset.train.hflip=true"])
@@ -253,8 +253,8 @@ def test_feature_cache_true_with_augmentation_is_refused(tmp_path):
 
 
 def test_labelled_anomalies_need_a_net_that_learns_from_them(tmp_path):
-    from utils.config import load_config
-    from utils.engine import Trainer
+    from dualmem.utils.config import load_config
+    from dualmem.utils.engine import Trainer
 
     cfg = load_config(make_config(tmp_path), ["dataset.seen_anomalies.num_per_class=1",
                                               "dataset.seen_anomalies.seed=0"])

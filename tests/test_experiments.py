@@ -6,9 +6,9 @@ import pytest
 from easydict import EasyDict
 
 from conftest import ROOT
-from tools._common import add_data_args, add_run_args
-from utils.run_plan import apply_data_args
-from utils.config import ConfigError, load_config
+from dualmem.tools._common import add_data_args, add_run_args
+from dualmem.utils.run_plan import apply_data_args
+from dualmem.utils.config import ConfigError, load_config
 
 EXP = ROOT / "experiments"
 SPLITS = {"01234": [0, 1, 2, 3, 4], "56789": [5, 6, 7, 8, 9], "02468": [0, 2, 4, 6, 8],
@@ -108,15 +108,25 @@ def test_tools_are_arguments_plus_one_call():
     def imported(text):
         """{tools module: names} this source imports (``from tools import x``: 'tools.x')."""
         found = {}
+
+        def own(name):  # the package is 'dualmem': 'dualmem.tools.x' is 'tools.x' here
+            return name[len("dualmem."):] if name.startswith("dualmem.") else name
+
         for node in ast.walk(ast.parse(text)):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tools":
+            if isinstance(node, ast.ImportFrom) and node.module == "dualmem":
                 for alias in node.names:
-                    module = node.module if node.module != "tools" else f"tools.{alias.name}"
-                    found.setdefault(module, set()).add(alias.name)
+                    if alias.name == "tools":
+                        found.setdefault("tools", set())
+            elif isinstance(node, ast.ImportFrom) and own(node.module or "").split(".")[0] \
+                    == "tools":
+                module = own(node.module)
+                for alias in node.names:
+                    name = module if module != "tools" else f"tools.{alias.name}"
+                    found.setdefault(name, set()).add(alias.name)
             elif isinstance(node, ast.Import):
                 for alias in node.names:
-                    if alias.name.split(".")[0] == "tools":
-                        found.setdefault(alias.name, set())
+                    if own(alias.name).split(".")[0] == "tools":
+                        found.setdefault(own(alias.name), set())
         return found
 
     for path in (ROOT / "tools").glob("*.py"):
@@ -135,7 +145,7 @@ def test_busy_cpu_note_suggests_one_thread(monkeypatch, capsys):
 
     import torch
 
-    from tools._common import warn_if_busy
+    from dualmem.tools._common import warn_if_busy
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
@@ -177,6 +187,8 @@ def test_configs_state_their_departures_truly(path):
         assert ("score" in dep) == corrected, path
         if corrected:
             assert f"bounded by {k.correction_bound:g} mean normal" in dep["score"], path
+            bonus = float(k.get("seen_bonus", 0))
+            assert (f"plus {bonus:g} x (1 - d_real / d_normal)" in dep["score"]) == (bonus > 0)
         assert f"{cfg.trainer.max_epoch} epochs" in dep["head_and_loss"]
     elif head.type.endswith("DMADReference"):
         assert dep["method"].startswith("the authors' code")

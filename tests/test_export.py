@@ -2,24 +2,26 @@
 reproduces the eager model: utils/export_parity.py) and utils/detector.py
 (load_detector(...).predict(...), run_exported)."""
 import csv
+import os
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-import models  # noqa: F401  (registers everything)
+from dualmem import models  # noqa: F401  (registers everything)
 from conftest import ROOT, synthetic_dataset, tiny_dmad_net, tiny_net
-from models.model_builder import ModelHelper
-from tools import export, predict, train_val
-from utils import detector as det
-from utils import export_parity as parity
-from utils import exporting
-from utils.exported_model import FORMATS
-from utils.metrics import image_score_from_map
+from dualmem.models.model_builder import ModelHelper
+from dualmem.tools import export, predict, train_val
+from dualmem.utils import detector as det
+from dualmem.utils import export_parity as parity
+from dualmem.utils import exporting
+from dualmem.utils.exported_model import FORMATS
+from dualmem.utils.metrics import image_score_from_map
 
 KINDS = ("uniad", "dumenet", "dmad")
 README_MARKER = "<!-- api-example -->"
@@ -118,7 +120,8 @@ def test_one_inference_path():
     for tool in ("tools/predict.py", "tools/export.py"):
         text = files[tool]
         assert len(text.splitlines()) < 150, tool
-        assert set(re.findall(r"^\s*from (tools\.\w+) import", text, re.M)) <= {"tools._common"}
+        assert set(re.findall(r"^\s*from (?:dualmem\.)?(tools\.\w+) import", text, re.M)) <= \
+            {"tools._common"}
 
 
 @pytest.mark.parametrize("resize", ["cv2_linear", "antialias"])
@@ -127,7 +130,7 @@ def test_preprocess_is_the_training_datasets(tmp_path, resize):
     tensor the training / evaluation dataset makes from the same file."""
     import cv2
 
-    from datasets.manifest_dataset import ManifestDataset
+    from dualmem.datasets.manifest_dataset import ManifestDataset
 
     rng = np.random.default_rng(0)
     cv2.imwrite(str(tmp_path / "x.png"), rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
@@ -348,8 +351,26 @@ def readme_api_example():
 
 
 @pytest.mark.slow
-def test_readme_api_example_runs(runs, capsys):
+def test_readme_api_example_runs(runs, tmp_path):
+    """The API example as a user runs it: a fresh interpreter in a folder of their own that
+    holds its own ``utils`` and ``models`` packages, with only the README's install behind it."""
+    import subprocess
+    import sys
+
     run = runs("uniad")
+    user = tmp_path / "my_project"
+    for name in ("utils", "models"):
+        (user / name).mkdir(parents=True)
+        (user / name / "__init__.py").write_text(f"WHO = 'mine: {name}'\n")
     code = re.sub(r"\bRUN\b", str(run).replace("\\", "/"), readme_api_example())
-    exec(compile(code, f"{API_PAGE} <!-- api-example -->", "exec"), {"__name__": "readme"})
-    assert capsys.readouterr().out.strip()
+    code += ("\nimport dualmem.utils.detector as d, utils, models\n"
+             "print('USER', utils.WHO, '|', models.WHO)\nprint('DUALMEM', d.__file__)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=user, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "USER mine: utils | mine: models" in proc.stdout
+    where = proc.stdout.split("DUALMEM ", 1)[1].strip()
+    assert Path(where).resolve().is_relative_to(ROOT), (
+        f"dualmem is imported from {where}, not this checkout: run `pip install -e .` here")
+    assert len(proc.stdout.splitlines()) >= 4  # the example's own prints came out

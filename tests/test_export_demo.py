@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from conftest import ROOT
-from tools import export, predict, train_val
-from utils import detector as det
-from utils import export_parity as parity
-from utils.exported_model import FORMATS
+from dualmem.tools import export, predict, train_val
+from dualmem.utils import detector as det
+from dualmem.utils import export_parity as parity
+from dualmem.utils.exported_model import FORMATS
 
 DEMO = ROOT / "experiments" / "demo"
 CONFIGS = {"uniad": "config.yaml", "dumenet": "dumenet.yaml", "dmad": "dmad.yaml"}

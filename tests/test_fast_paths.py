@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.layers.chunked_attention import attention_dropout
-from models.layers.fast_dropout import FastDropout, fast_dropout, keep_mask, splitmix64, uniform16
-from models.reconstructions.transformer import MultiheadAttention, TransformerDecoderLayer
+from dualmem.models.layers.chunked_attention import attention_dropout
+from dualmem.models.layers.fast_dropout import FastDropout, fast_dropout, keep_mask, splitmix64, uniform16
+from dualmem.models.reconstructions.transformer import MultiheadAttention, TransformerDecoderLayer
 
 
 def test_splitmix64_matches_published_vector_and_python_reference():
@@ -190,7 +190,7 @@ def test_chunked_attention_gradient_only_where_needed_and_bad_calls():
 def test_feedforward_relu_dropout_in_place_matches_float64_formula():
     """The FFN's in-place relu + dropout gives relu(x W1 + b1) * keep * scale @ W2 + b2 and the
     same gradients for every weight, with keep the mask float_mask draws for that shape."""
-    from models.reconstructions.transformer import FeedForward
+    from dualmem.models.reconstructions.transformer import FeedForward
 
     torch.manual_seed(0)
     ffn = FeedForward(8, 16, 0.25, "relu").double().train()

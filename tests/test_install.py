@@ -1,11 +1,14 @@
-"""Installing DualMem must be harmless to other packages (issue #14 item 6).
+"""Installing DualMem must be harmless to other packages (issue #14 item 6) and give the API to
+any working directory (issue #26).
 
-DualMem runs from its checkout (as UniAD does), so its distribution carries the dependencies and
-nothing else: a top-level ``models``, ``datasets``, ``utils`` or ``tools`` in site-packages would
-overwrite another distribution's package (Hugging Face ``datasets``, say) and take it away again
-on uninstall. The wheel is built offline from a temporary copy of the repository, so no build/ or
-*.egg-info is left in the checkout.
+Everything DualMem installs lives under the one import package ``dualmem`` (``dualmem.models``,
+``dualmem.utils``, ...): a top-level ``models``, ``datasets``, ``utils`` or ``tools`` in
+site-packages would overwrite another distribution's package (Hugging Face ``datasets``, say),
+take it away again on uninstall, and clash with a user's own ``utils``. The wheel is built
+offline from a temporary copy of the repository, so no build/ or *.egg-info is left in the
+checkout.
 """
+import os
 import re
 import shutil
 import subprocess
@@ -53,14 +56,38 @@ def wheel(tmp_path_factory):
     return wheels[0]
 
 
-def test_wheel_installs_nothing_but_its_metadata(wheel):
+def test_wheel_installs_one_package_dualmem_and_nothing_top_level(wheel):
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
     tops = {name.split("/", 1)[0] for name in names}
     shadowing = sorted(t for t in tops if t.split(".")[0] in REPO_PACKAGES)
     assert not shadowing, f"the wheel installs top-level {shadowing} into site-packages"
-    # nothing at all outside dualmem's own .dist-info: no package, module or .pth to shadow anything
-    assert all(t.endswith(".dist-info") and t.lower().startswith("dualmem-") for t in tops), tops
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"dualmem"}, tops
+    assert not any(n.endswith(".pth") for n in names), names
+    for module in ("models/registry.py", "models/heads/dmad.py", "utils/detector.py",
+                   "datasets/prepare/__init__.py", "tools/_common.py"):
+        assert f"dualmem/{module}" in names, module
+    assert not any(n.startswith(("dualmem/tests/", "dualmem/experiments/")) for n in names)
+
+
+def test_installed_wheel_imports_from_any_folder_beside_the_user_s_own_utils(wheel, tmp_path):
+    target, user = tmp_path / "site", tmp_path / "project"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index",
+                           "-q", "--target", str(target), str(wheel)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (user / "utils").mkdir(parents=True)
+    (user / "utils" / "__init__.py").write_text("WHO = 'mine'\n")
+    probe = ("import utils, dualmem.models.registry as r, dualmem.utils.errors as e;"
+             " print(utils.WHO, r.__file__, e.UserError.__module__)")
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+           "PYTHONPATH": str(target)}  # before site-packages (and an editable install there)
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=user, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    who, registry_file, module = proc.stdout.split()
+    assert who == "mine" and module == "dualmem.utils.errors"
+    assert Path(registry_file).resolve().is_relative_to(target.resolve())
 
 
 def test_wheel_requires_the_dependencies(wheel):

@@ -5,8 +5,8 @@ import numpy as np
 import cv2
 import pytest
 
-from datasets.manifest import read_manifest, write_manifest
-from datasets.prepare.mvtec import build_mvtec_records
+from dualmem.datasets.manifest import read_manifest, write_manifest
+from dualmem.datasets.prepare.mvtec import build_mvtec_records
 
 
 def _png(path, value=0, size=8):

@@ -6,8 +6,8 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from utils import metrics as M
-from utils import ranking_curve as RC
+from dualmem.utils import metrics as M
+from dualmem.utils import ranking_curve as RC
 
 try:
     import torch
@@ -313,7 +313,7 @@ def test_evaluation_keeps_maps_in_float32():
     pixel AP): the maps metrics see are the model's float32 maps (#25 item 14)."""
     import torch
 
-    from utils.evaluator import run_inference
+    from dualmem.utils.evaluator import run_inference
 
     pred = torch.ones(2, 1, 4, 4)
     pred[1, 0, 0, 0] = 1.0001

@@ -3,12 +3,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import models  # noqa: F401  (registers everything)
+from dualmem import models  # noqa: F401  (registers everything)
 from conftest import tiny_net
-from models.model_builder import ModelHelper, NetBuildError
-from models.reconstructions.transformer import MultiheadAttention, neighbor_mask
-from models.reconstructions.uniad import add_feature_jitter
-from models.registry import MODELS, Registry
+from dualmem.models.model_builder import ModelHelper, NetBuildError
+from dualmem.models.reconstructions.transformer import MultiheadAttention, neighbor_mask
+from dualmem.models.reconstructions.uniad import add_feature_jitter
+from dualmem.models.registry import MODELS, Registry
 
 
 def test_registry_dotted_and_short_names_and_errors():
@@ -27,7 +27,7 @@ def test_registry_dotted_and_short_names_and_errors():
 def test_registry_imports_unregistered_dotted_paths_only_when_trusted():
     """A config may not import code on its own say; ``--plugins torch`` (or
     ``--trust_checkpoint``) lets the user allow it."""
-    from models.registry import UntrustedTypeError, everything_trusted, reset_trust, trust_plugins
+    from dualmem.models.registry import UntrustedTypeError, everything_trusted, reset_trust, trust_plugins
 
     with pytest.raises(UntrustedTypeError, match="--plugins torch"):
         MODELS.get("torch.nn.Identity")
@@ -141,7 +141,7 @@ def test_input_size_not_divisible_by_stride():
 
 
 def test_positions_sine_and_learned_shapes():
-    from models.reconstructions.transformer import build_position_embedding
+    from dualmem.models.reconstructions.transformer import build_position_embedding
 
     for kind in ("sine", "learned"):
         pos = build_position_embedding(kind, (3, 5), 16)()

@@ -24,7 +24,7 @@ def readme_commands():
 
 def make_photos(tmp, n_good=36, n_bad=6):
     """mydata/good, mydata/bad (no masks) and new_photos/, from the synthetic generator."""
-    from datasets.synthetic import ensure_synthetic_dataset
+    from dualmem.datasets.synthetic import ensure_synthetic_dataset
 
     src = ensure_synthetic_dataset(tmp / "synthetic", classes=["disc"], image_size=64,
                                    num_train=n_good, num_test_good=4, num_test_defect=2, seed=3)
@@ -92,7 +92,7 @@ def test_real_bottle_photos_without_masks_end_to_end(tmp_path):
         pytest.skip(f"the shared real data is not here ({BOTTLE}); CI and the developers' "
                     f"machines have it beside the checkout")
     from test_report import browse, chromium
-    from utils.detector import load_detector
+    from dualmem.utils.detector import load_detector
 
     mydata = tmp_path / "mydata"
     (mydata / "good").mkdir(parents=True)

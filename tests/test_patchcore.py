@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.heads.memory_bank import greedy_coreset
-from models.heads.patchcore import PatchCore, reweighting
-from utils.engine.stage_one import StageOneData
+from dualmem.models.heads.memory_bank import greedy_coreset
+from dualmem.models.heads.patchcore import PatchCore, reweighting
+from dualmem.utils.engine.stage_one import StageOneData
 
 
 def head_with_bank(bank, **kw):
@@ -98,7 +98,7 @@ def test_fit_keeps_the_greedy_coreset_of_every_patch():
 
 
 def test_bad_settings_are_refused_by_name():
-    from utils.errors import UserError
+    from dualmem.utils.errors import UserError
 
     with pytest.raises(UserError, match="coreset_ratio"):
         PatchCore(inplanes=[8], coreset_ratio=0)
@@ -128,7 +128,7 @@ def test_patchcore_fits_without_training_evaluates_and_exports(tmp_path):
     import yaml
 
     from conftest import ROOT, synthetic_dataset
-    from tools import export, train_val
+    from dualmem.tools import export, train_val
 
     cfg = {"_base_": str(ROOT / "experiments/MVTec-AD/patchcore/config.yaml"),
            "random_seed": 3,

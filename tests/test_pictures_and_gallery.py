@@ -14,8 +14,8 @@ import yaml
 
 from conftest import ROOT, synthetic_dataset, tiny_dmad_net, tiny_net
 from test_report import FakeDataset, ImgSources, browse, chromium, decode_data_uri
-from utils import visualize as V
-from utils.report import REPORT_NAME, write_evaluation_pictures
+from dualmem.utils import visualize as V
+from dualmem.utils.report import REPORT_NAME, write_evaluation_pictures
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
@@ -136,7 +136,7 @@ def test_a_class_without_masks_says_no_mask(tmp_path):
 
 # ----------------------------------------------------------------------------- report.html
 def embedded_panels():
-    from utils import report
+    from dualmem.utils import report
 
     return getattr(report, "REPORT_PANELS", 12)
 
@@ -196,15 +196,15 @@ def test_mailed_report_renders_in_chromium(tmp_path):
 
 # ----------------------------------------------------------------------------- checkpoints
 def test_a_checkpoint_of_another_kind_is_named_in_one_line(tmp_path):
-    from utils.detector import load_model
-    from utils.errors import UserError
+    from dualmem.utils.detector import load_model
+    from dualmem.utils.errors import UserError
 
     bare = tmp_path / "resnet18.pth"
     torch.save({"conv1.weight": torch.zeros(2), "fc.bias": torch.zeros(2)}, bare)
     with pytest.raises(UserError, match=r"is not a DualMem checkpoint: it is a bare state dict "
                                         r"of 2 tensors \(conv1.weight"):
         load_model(bare, "cpu")  # was: "has no 'model' entry"
-    from utils.checkpoint_kind import CheckpointKindError, check_checkpoint_method
+    from dualmem.utils.checkpoint_kind import CheckpointKindError, check_checkpoint_method
 
     dmad = tmp_path / "last.pth"
     torch.save({"model": {}, "config": {"net": tiny_dmad_net()}}, dmad)
@@ -222,7 +222,7 @@ def test_a_checkpoint_of_another_kind_is_named_in_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------- collect_results
 def test_departures_are_never_a_column(tmp_path, capsys):
-    from tools import collect_results as C
+    from dualmem.tools import collect_results as C
 
     for name, text in (("r1", "a" * 1200), ("r2", "b" * 1200)):
         (tmp_path / name).mkdir()
@@ -251,7 +251,7 @@ def test_departures_are_never_a_column(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A one-class tiny run (1 epoch, evaluated): (run folder, data root)."""
-    from tools import train_val
+    from dualmem.tools import train_val
 
     tmp = tmp_path_factory.mktemp("gallery")
     cfg = {"_base_": str(ROOT / "configs" / "runtime.yaml"), "random_seed": 3,
@@ -266,7 +266,7 @@ def run_dir(tmp_path_factory):
 
 
 def predict(*args):
-    from tools import predict as P
+    from dualmem.tools import predict as P
 
     return P.main([*map(str, args), "--device", "cpu"])
 

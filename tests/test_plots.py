@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from utils import metrics as M
-from utils import plots as P
-from utils import visualize as V
-from utils.evaluator import compute_thresholds
-from utils.metrics import image_score_from_map
+from dualmem.utils import metrics as M
+from dualmem.utils import plots as P
+from dualmem.utils import visualize as V
+from dualmem.utils.evaluator import compute_thresholds
+from dualmem.utils.metrics import image_score_from_map
 
 
 def make_inference(seed=0, counts=(8, 5), size=24, anomalies=(True, False), dtype=np.float16):
@@ -261,7 +261,7 @@ def test_annotated_overlay_for_predict(size):
 
 def test_a_class_without_masks_gets_no_pixel_curves():
     """Bad images without mask files: no pixel ROC / PR / PRO against invented masks."""
-    from utils import plots
+    from dualmem.utils import plots
 
     rng = np.random.default_rng(0)
     n = 6

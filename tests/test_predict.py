@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from conftest import ROOT, tiny_net
-from tools import predict, train_val
-from utils import detector as det
-from utils import prediction
+from dualmem.tools import predict, train_val
+from dualmem.utils import detector as det
+from dualmem.utils import prediction
 
 
 def read_csv(path):
@@ -216,7 +216,7 @@ def test_reduced_precision_predict_and_api_equal_evaluate(tmp_path):
     """bf16 autocast with a float16 feature cache: evaluation runs the backbone once in
     float32 and the rest under autocast; predict.py and the API must run it the same way
     (they ran the whole model under autocast: 5e-3 relative, verdicts flipped)."""
-    from utils.detector import load_detector
+    from dualmem.utils.detector import load_detector
 
     cfg = {
         "_base_": str(ROOT / "configs" / "runtime.yaml"),

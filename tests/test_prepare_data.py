@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from easydict import EasyDict
 
-from datasets.manifest import read_manifest
-from datasets.prepare import PrepareError, ader, check_records, cifar10, folder, mvtec, visa
-from datasets.prepare import cache as cache_mod
-from tools import prepare_data
+from dualmem.datasets.manifest import read_manifest
+from dualmem.datasets.prepare import PrepareError, ader, check_records, cifar10, folder, mvtec, visa
+from dualmem.datasets.prepare import cache as cache_mod
+from dualmem.tools import prepare_data
 
 
 def png(path, value=0, size=(16, 16), channels=None):
@@ -431,7 +431,7 @@ def test_several_roots_merge_with_absolute_paths(tmp_path, user_cache):
 
 
 def test_locate_manifests_from_config(mvtec_tree, tmp_path):
-    from datasets.builder import locate_manifests
+    from dualmem.datasets.builder import locate_manifests
 
     cfg_dir = tmp_path / "exp"
     cfg_dir.mkdir()
@@ -464,8 +464,8 @@ def tree_state(root):
 
 def prepare_like_the_tools(roots, classes=None, data_type="mvtec"):
     """What train_val / train_unified / train_per_class do with --data_root."""
-    from datasets.builder import locate_manifests
-    from utils.run_plan import apply_data_args
+    from dualmem.datasets.builder import locate_manifests
+    from dualmem.utils.run_plan import apply_data_args
 
     cfg = EasyDict({"config_path": None, "dataset": {"type": "explicit"}})
     apply_data_args(cfg, [str(r) for r in roots], data_type)
@@ -558,7 +558,7 @@ def test_train_val_with_data_root_leaves_the_dataset_untouched(tmp_path, user_ca
     import yaml
 
     from conftest import ROOT, tiny_net
-    from tools import train_val
+    from dualmem.tools import train_val
 
     root = make_mvtec(tmp_path / "mvtec", classes=("bottle",), n_train=2, defects=("crack",),
                       n_defect=1, n_good=1, size=(64, 64))

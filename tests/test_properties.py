@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT
-from datasets.manifest import read_manifest, write_manifest
-from utils.config import ConfigError, load_config, save_config
+from dualmem.datasets.manifest import read_manifest, write_manifest
+from dualmem.utils.config import ConfigError, load_config, save_config
 
 DEMO = ROOT / "experiments" / "demo" / "config.yaml"
 KEYS = ["trainer.max_epoch", "trainer.clip_max_norm", "trainer.amp", "dataset.batch_size",

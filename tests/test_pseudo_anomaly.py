@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.pseudo_anomaly import PseudoAnomalyDataset, wrap_pseudo_anomalies
-from datasets.pseudo_anomaly_synthesis import (PseudoAnomalySynthesizer, list_textures,
+from dualmem.datasets.pseudo_anomaly import PseudoAnomalyDataset, wrap_pseudo_anomalies
+from dualmem.datasets.pseudo_anomaly_synthesis import (PseudoAnomalySynthesizer, list_textures,
                                                perlin_mask, perlin_noise, sample_rng)
 
 
@@ -161,9 +161,9 @@ def test_dataset_wrapper_probability_and_forwarding():
 
 
 def test_builder_wires_pseudo_anomalies(tmp_path):
-    from datasets.builder import build_datasets
-    from datasets.manifest import write_manifest
-    from utils.config import load_config
+    from dualmem.datasets.builder import build_datasets
+    from dualmem.datasets.manifest import write_manifest
+    from dualmem.utils.config import load_config
 
     rng = np.random.default_rng(0)
     recs = {"train": [], "test": []}

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from test_engine import make_config, run
-from tools import train_val
-from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from utils.engine import Trainer
-from utils.workdir_lock import WorkDirBusyError, WorkDirLock
+from dualmem.tools import train_val
+from dualmem.utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dualmem.utils.engine import Trainer
+from dualmem.utils.workdir_lock import WorkDirBusyError, WorkDirLock
 
 
 def weights(path):
@@ -52,7 +52,7 @@ def test_signal_mid_epoch_checkpoints_and_resume_is_exact(tmp_path, monkeypatch,
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good(tmp_path, monkeypatch, capsys):
     cfg = make_config(tmp_path, epochs=3, val_freq=3)
     work = tmp_path / "nan"
-    from models.losses import FeatureMSELoss
+    from dualmem.models.losses import FeatureMSELoss
 
     original = FeatureMSELoss.forward
     calls = {"n": 0}
@@ -114,7 +114,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 def test_a_failed_build_releases_the_work_dir(tmp_path):
     from test_engine import make_config
-    from utils.config import load_config
+    from dualmem.utils.config import load_config
 
     cfg = load_config(make_config(tmp_path), ["net.1.type=models.necks.Nope"])
     with pytest.raises(ValueError, match="Nope"):

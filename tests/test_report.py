@@ -19,10 +19,10 @@ import yaml
 
 from conftest import ROOT, synthetic_dataset, tiny_net
 from test_plots import make_inference
-from utils.evaluator import compute_thresholds, metrics_from_inference
-from utils.metrics import METRIC_NAMES
-from utils.report import REPORT_NAME, verdicts, write_evaluation_pictures
-from utils.results import protocol_line
+from dualmem.utils.evaluator import compute_thresholds, metrics_from_inference
+from dualmem.utils.metrics import METRIC_NAMES
+from dualmem.utils.report import REPORT_NAME, verdicts, write_evaluation_pictures
+from dualmem.utils.results import protocol_line
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -240,7 +240,7 @@ def test_missing_browser_fails_unless_opted_out(monkeypatch):
 def tiny_run(tmp_path_factory):
     """Two epochs of a tiny unified run, evaluated after each; train/* logged only at each
     epoch's last step (print_freq_step larger than an epoch)."""
-    from tools import train_val
+    from dualmem.tools import train_val
 
     tmp = tmp_path_factory.mktemp("tiny")
     cfg = {
@@ -264,12 +264,12 @@ def tiny_run(tmp_path_factory):
 def test_report_of_a_tiny_run_renders_in_chromium(tiny_run, tmp_path):
     import torch
 
-    from utils.config import load_config
-    from utils.evaluator import run_inference
+    from dualmem.utils.config import load_config
+    from dualmem.utils.evaluator import run_inference
     try:
-        from utils.engine import Trainer
+        from dualmem.utils.engine import Trainer
     except ImportError:  # before the engine package
-        from utils.trainer import Trainer
+        from dualmem.utils.trainer import Trainer
 
     cfg_path, work = tiny_run
     trainer = Trainer(load_config(cfg_path), tmp_path / "check", torch.device("cpu"),

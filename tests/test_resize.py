@@ -10,9 +10,9 @@ import torch
 from easydict import EasyDict
 from PIL import Image
 
-from datasets.builder import build_datasets
-from datasets.image_io import LEGACY_RESIZE, resize_image, resize_mask, resize_method
-from datasets.manifest_dataset import ManifestDataset
+from dualmem.datasets.builder import build_datasets
+from dualmem.datasets.image_io import LEGACY_RESIZE, resize_image, resize_mask, resize_method
+from dualmem.datasets.manifest_dataset import ManifestDataset
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -89,7 +89,7 @@ def test_method_is_checked_and_a_config_without_it_means_cv2_linear():
     assert resize_method({"resize": "antialias"}) == "antialias"
     with pytest.raises(ValueError, match="dataset.resize"):
         resize_image(textured(60), (30, 30), "bicubic")
-    from utils.config import ConfigError, validate_config
+    from dualmem.utils.config import ConfigError, validate_config
     with pytest.raises(ConfigError, match="resize"):
         validate_config({"dataset": {"resize": "bicubic"}})
     validate_config({"dataset": {"resize": "antialias"}})
@@ -97,7 +97,7 @@ def test_method_is_checked_and_a_config_without_it_means_cv2_linear():
 
 def test_new_configs_default_to_antialias():
     from conftest import ROOT
-    from utils.config import load_config
+    from dualmem.utils.config import load_config
 
     for cfg in ("experiments/MVTec-AD/uniad/lite.yaml", "experiments/MVTec-AD/dmad/lite.yaml"):
         assert load_config(ROOT / cfg).dataset.resize == "antialias"
@@ -140,9 +140,9 @@ def test_dataset_honours_dataset_resize(tmp_path):
 
 def test_everything_else_follows_the_datasets_method(tmp_path):
     """Self textures, panels' images and the feature-cache key use the dataset's method."""
-    from datasets.pseudo_anomaly_synthesis import self_image_loader
-    from utils.engine.feature_cache import cache_key
-    from utils.visualize import display_image
+    from dualmem.datasets.pseudo_anomaly_synthesis import self_image_loader
+    from dualmem.utils.engine.feature_cache import cache_key
+    from dualmem.utils.visualize import display_image
 
     img = textured(90, seed=4)
     assert cv2.imwrite(str(tmp_path / "a.png"), img[:, :, ::-1])

@@ -31,7 +31,7 @@ def write_cfg(path, epochs=2, scheduler=None, **dataset):
 
 
 def main(tool, argv):
-    from tools import train_per_class, train_unified, train_val
+    from dualmem.tools import train_per_class, train_unified, train_val
 
     module = {"train_val": train_val, "train_unified": train_unified,
               "train_per_class": train_per_class}[tool]
@@ -111,7 +111,7 @@ def test_changed_flags_are_refused_then_recorded_with_override(runs, capsys):
 
 def test_resume_from_the_run_folder_is_exact_and_extension_is_an_override(
         tmp_path, monkeypatch, capsys):
-    from utils.engine import Trainer
+    from dualmem.utils.engine import Trainer
 
     sched = {"type": "CosineAnnealingLR", "kwargs": {}}
     cfg = write_cfg(tmp_path / "cfg.yaml", epochs=3, scheduler=sched)
@@ -232,7 +232,7 @@ class Evil:
 
 
 def test_checkpoints_that_would_run_code_are_refused(runs, tmp_path, capsys):
-    from tools import predict
+    from dualmem.tools import predict
 
     mark = tmp_path / "PWNED"
     run = tmp_path / "run"

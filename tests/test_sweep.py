@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, tiny_net
-from tools import sweep
+from dualmem.tools import sweep
 
 
 def make_config(tmp_path):
@@ -32,7 +32,7 @@ def make_config(tmp_path):
 
 
 def test_grid_parsing():
-    from utils import sweep  # the grid is library logic; tools/sweep.py parses arguments
+    from dualmem.utils import sweep  # the grid is library logic; tools/sweep.py parses arguments
 
     assert sweep.split_values("a,[1,2],'x,y'") == ["a", "[1,2]", "'x,y'"]
     grid = sweep.parse_grid(["net.2.kwargs.memory_mode=channel,both", "a.memory_mode=1"])
@@ -79,7 +79,7 @@ def test_two_cell_sweep_writes_one_table(tmp_path):
         assert float(row.split("|")[col]) == pytest.approx(100 * c["mean"]["pixel_auroc"],
                                                            abs=0.006)
     # a cell's folder is a run of its own: evaluated from it alone, same figures
-    from tools import train_val
+    from dualmem.tools import train_val
 
     cell = work / cells[1]["name"]
     assert train_val.main(["--work_dir", str(cell), "--evaluate", "--device", "cpu",

@@ -5,11 +5,11 @@ import cv2
 import numpy as np
 import pytest
 
-from datasets.manifest import read_manifest
-from datasets.prepare.mvtec import build_mvtec_records
-from datasets.synthetic import (CLASS_SPECS, DEFAULT_CLASSES, ensure_synthetic_dataset,
+from dualmem.datasets.manifest import read_manifest
+from dualmem.datasets.prepare.mvtec import build_mvtec_records
+from dualmem.datasets.synthetic import (CLASS_SPECS, DEFAULT_CLASSES, ensure_synthetic_dataset,
                                 generate_synthetic_dataset, render_sample)
-from tools.make_synthetic import main
+from dualmem.tools.make_synthetic import main
 
 SMALL = dict(image_size=224, num_train=6, num_test_good=3, num_test_defect=2)
 
@@ -184,7 +184,7 @@ def test_cli(tmp_path, capsys):
 def test_cli_is_a_tool_and_reports_bad_values_in_one_line(tmp_path, capsys):
     """The generator's command line lives in tools/ (datasets/ holds no CLI) and answers a bad
     value like every tool: one ``error:`` line, exit 2, nothing written."""
-    import datasets.synthetic as synthetic
+    import dualmem.datasets.synthetic as synthetic
 
     assert not hasattr(synthetic, "main")
     out = tmp_path / "bad"

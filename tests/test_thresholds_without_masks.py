@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from conftest import ROOT, tiny_net
-from datasets.holdout import HeldOut, hold_out_goods, holdout_count
-from utils.evaluator import evaluation_notes, metrics_from_inference
-from utils.thresholds import (compute_thresholds, good_rate_threshold, operating_points,
+from dualmem.datasets.holdout import HeldOut, hold_out_goods, holdout_count
+from dualmem.utils.evaluator import evaluation_notes, metrics_from_inference
+from dualmem.utils.thresholds import (compute_thresholds, good_rate_threshold, operating_points,
                               threshold_settings)
 
 
@@ -92,7 +92,7 @@ def test_a_class_without_masks_has_no_pixel_metrics_and_the_key_metric_falls_bac
 
 
 def test_some_anomalies_without_masks_are_left_out_of_the_pixel_figures():
-    from utils.metrics import compute_class_metrics, f1_optimal_threshold
+    from dualmem.utils.metrics import compute_class_metrics, f1_optimal_threshold
 
     inf = inference(seed=5)
     inf["has_mask"] = np.array([True] * 6 + [True, False, True, False])
@@ -212,7 +212,7 @@ def test_a_benchmark_without_masks_keeps_f1_images_and_never_invented_pixel_mask
 # ----------------------------------------------------------------------------- end to end
 def folder_dataset(tmp_path, bad=True):
     """good/ and bad/ (no masks/) from a tiny synthetic class: someone's own photos."""
-    from datasets.synthetic import ensure_synthetic_dataset
+    from dualmem.datasets.synthetic import ensure_synthetic_dataset
 
     synth = ensure_synthetic_dataset(tmp_path / "synth", classes=["disc"], image_size=64,
                                      num_train=12, num_test_good=4, num_test_defect=4, seed=4)
@@ -229,7 +229,7 @@ def folder_dataset(tmp_path, bad=True):
 
 
 def train(tmp_path, root, name):
-    from tools import train_val
+    from dualmem.tools import train_val
 
     cfg = {"_base_": str(ROOT / "configs" / "runtime.yaml"), "random_seed": 3,
            "dataset": {"input_size": [64, 64], "batch_size": 4, "workers": 0},
@@ -282,8 +282,8 @@ def test_folder_without_masks_end_to_end(tmp_path):
 
     # the threshold is the documented rule on the held-out goods' scores, as scored by the
     # run's evaluation path, and rejects none of them (6 < 1 / 1%)
-    from utils.config import load_config
-    from utils.engine import Trainer
+    from dualmem.utils.config import load_config
+    from dualmem.utils.engine import Trainer
 
     trainer = Trainer(load_config(work / "config.yaml"), tmp_path / "check",
                       torch.device("cpu"), progress=False)
@@ -297,7 +297,7 @@ def test_folder_without_masks_end_to_end(tmp_path):
 
     # the operating point is a count of the test scores at that threshold (scored again by
     # the Python API, which names the rule it decided by)
-    from utils.detector import load_detector
+    from dualmem.utils.detector import load_detector
 
     point = results["operating_point"][cls]
     detector = load_detector(work)
@@ -314,7 +314,7 @@ def test_folder_without_masks_end_to_end(tmp_path):
 
     # --evaluate scores the same held-out goods; a checkpoint that was trained on them (a run
     # from before the hold-out) cannot use them: its thresholds fall back to the test goods
-    from tools import train_val
+    from dualmem.tools import train_val
 
     common = ["--work_dir", str(work), "--no_progress", "--device", "cpu", "--threads", "1"]
     assert train_val.main(common + ["--evaluate"]) == 0

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from datasets.validation import DataValidationError, check_classes, validate_records
+from dualmem.datasets.validation import DataValidationError, check_classes, validate_records
 
 
 def png(path, shape=(32, 32, 3), value=128):
@@ -89,7 +89,7 @@ def test_empty_class_is_an_error():
 @pytest.mark.slow
 def test_trainer_refuses_bad_data_before_training(tmp_path, capsys):
     from test_engine import make_config
-    from tools import train_val
+    from dualmem.tools import train_val
 
     cfg = make_config(tmp_path, epochs=1)
     assert train_val.main(["--config", str(cfg), "--work_dir", str(tmp_path / "ok"),

@@ -10,11 +10,11 @@ import yaml
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from conftest import ROOT, synthetic_dataset, tiny_net
-from utils import visualize as V
-from utils.evaluator import (compute_thresholds, metrics_from_inference, normalized_score,
+from dualmem.utils import visualize as V
+from dualmem.utils.evaluator import (compute_thresholds, metrics_from_inference, normalized_score,
                              write_scores)
-from utils.metrics import METRIC_NAMES, image_score_from_map
-from utils.results import write_results
+from dualmem.utils.metrics import METRIC_NAMES, image_score_from_map
+from dualmem.utils.results import write_results
 
 
 def brute_f1_threshold(values, labels):
@@ -222,11 +222,11 @@ def make_config(tmp_path, epochs=2):
 
 @pytest.mark.slow
 def test_training_stores_thresholds_and_evaluate_draws_panels(tmp_path):
-    from tools import train_val
-    from utils.config import load_config
-    from utils.evaluator import run_inference
-    from utils.metrics import f1_optimal_threshold
-    from utils.engine import Trainer
+    from dualmem.tools import train_val
+    from dualmem.utils.config import load_config
+    from dualmem.utils.evaluator import run_inference
+    from dualmem.utils.metrics import f1_optimal_threshold
+    from dualmem.utils.engine import Trainer
 
     cfg_path = make_config(tmp_path)
     work = tmp_path / "run"

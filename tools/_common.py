@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
-from utils.errors import UserError  # noqa: E402
-from utils.run_plan import DATA_TYPES  # noqa: E402
+from dualmem.utils.errors import UserError  # noqa: E402
+from dualmem.utils.run_plan import DATA_TYPES  # noqa: E402
 # tools/benchmark_coreset.py and benchmark_dmad.py still import it from here
 
 
@@ -48,7 +46,7 @@ def apply_device_args(args):
     """Set ``--threads`` before any model is built; the resolved ``torch.device``."""
     import torch
 
-    from utils.misc import resolve_device
+    from dualmem.utils.misc import resolve_device
 
     threads = getattr(args, "threads", None)
     if threads is not None:
@@ -64,7 +62,7 @@ def launch(fn, args):
     """Run ``fn(args, device)`` as one process, or as one rank of ``torchrun`` (detectron2's
     ``launch()``): the process group starts here, every rank gets its device, and it is shut
     down however ``fn`` ends. Every training tool goes through this."""
-    from utils import distributed as du
+    from dualmem.utils import distributed as du
 
     device = du.init_distributed(apply_device_args(args))
     try:
@@ -88,7 +86,7 @@ def add_trust_arg(p):
 def apply_trust_args(args):
     """What code the person running the command trusts: named on the command line, never
     taken from a file."""
-    from models.registry import reset_trust, trust_everything, trust_plugins
+    from dualmem.models.registry import reset_trust, trust_everything, trust_plugins
 
     reset_trust()  # each command says for itself (tools may run in one process, as in tests)
     trust_plugins(getattr(args, "plugins", None) or [])
@@ -135,8 +133,8 @@ def warn_if_busy():
 def run_main(run, args):
     """Exit status: 0 done, 2 a problem with the config/data/checkpoint/run folder (one clear
     line, no traceback; DUALMEM_DEBUG=1 shows it), 128+N interrupted by signal N (resumable)."""
-    from utils.errors import USER_ERRORS
-    from utils.engine import TrainingInterrupted
+    from dualmem.utils.errors import USER_ERRORS
+    from dualmem.utils.engine import TrainingInterrupted
 
     try:
         apply_trust_args(args)

@@ -19,13 +19,14 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script: `dualmem` is this checkout
+    import _checkout  # noqa: F401
 
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from tools._bench import PeakRSS, call_timed, timed, write_json  # noqa: E402
-from tools._common import add_device_args  # noqa: E402
+from dualmem.tools._bench import PeakRSS, call_timed, timed, write_json  # noqa: E402
+from dualmem.tools._common import add_device_args  # noqa: E402
 
 
 def matmul_flops_per_s(device, dtype, n=1024, repeat=5):
@@ -44,7 +45,7 @@ def count_flops(fn):
 
 
 def build(cfg, device, attn_impl, channels_last=False):
-    from models import ModelHelper
+    from dualmem.models import ModelHelper
 
     model = ModelHelper(cfg.net, input_size=cfg.dataset.input_size,
                         frozen_layers=cfg.get("frozen_layers")).to(device)
@@ -83,7 +84,7 @@ class RandomImages(torch.utils.data.Dataset):
 def prepare_banks(model, cfg, device, n_images):
     """Heads with a stage one (DMAD's memory banks) are filled from random images first, so
     their training step and retrieval cost are realistic; returns the build seconds."""
-    from utils.engine.stage_one import run_stage_one, stage_one_modules
+    from dualmem.utils.engine.stage_one import run_stage_one, stage_one_modules
 
     if not stage_one_modules(model):
         return None
@@ -113,7 +114,7 @@ class Variant:
 
     def __init__(self, name, cfg, state, images, fields, device, attn_impl="sdpa", cached=True,
                  amp_dtype=None, channels_last=False, compile=False, lr=1e-4):
-        from models.losses import Criterion
+        from dualmem.models.losses import Criterion
 
         self.name, self.device, self.amp_dtype = name, device, amp_dtype
         self.model = build(cfg, device, attn_impl, channels_last)
@@ -196,8 +197,8 @@ def main(argv=None):
     p.add_argument("--opts", nargs="*", default=[])
     args = p.parse_args(argv)
 
-    from utils.config import load_config
-    from tools._common import apply_device_args
+    from dualmem.utils.config import load_config
+    from dualmem.tools._common import apply_device_args
 
     device = apply_device_args(args)
     cfg = load_config(args.config, ["net.0.kwargs.pretrained=false"] + args.opts)

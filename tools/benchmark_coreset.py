@@ -18,11 +18,12 @@ import platform
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script: `dualmem` is this checkout
+    import _checkout  # noqa: F401
 
-from tools._bench import call_timed, write_json  # noqa: E402
-from tools._common import add_data_args, add_device_args, apply_device_args  # noqa: E402
-from utils.run_plan import load_cfg  # noqa: E402
+from dualmem.tools._bench import call_timed, write_json  # noqa: E402
+from dualmem.tools._common import add_data_args, add_device_args, apply_device_args  # noqa: E402
+from dualmem.utils.run_plan import load_cfg  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -57,8 +58,8 @@ def real_features(cfg, device):
     """{class: (rows, C)} patch features of the training images (and their mirror images)."""
     import torch
 
-    from datasets.builder import build_datasets, build_loader
-    from models import ModelHelper
+    from dualmem.datasets.builder import build_datasets, build_loader
+    from dualmem.models import ModelHelper
 
     model = ModelHelper(cfg.net, input_size=cfg.dataset.input_size,
                         frozen_layers=cfg.get("frozen_layers")).to(device).eval()
@@ -94,7 +95,7 @@ def synthetic_features(rows, classes=4, dim=256, seed=0):
 
 def per_class_radius(x, sel, cls, names, proj_dim, seed):
     """Covering radius per class in the projected space the selection used."""
-    from models.heads.memory_bank import _project, knn
+    from dualmem.models.heads.memory_bank import _project, knn
 
     p = _project(x, proj_dim, seed)
     d, _ = knn(p, p[sel], 1)
@@ -105,7 +106,7 @@ def per_class_radius(x, sel, cls, names, proj_dim, seed):
 def measure(features, worth, ratio, proj_dim, skip_over):
     import torch
 
-    from models.heads.memory_bank import greedy_coreset, greedy_coreset_stepwise
+    from dualmem.models.heads.memory_bank import greedy_coreset, greedy_coreset_stepwise
 
     names = list(features)[:worth]
     x = torch.cat([features[n] for n in names]).float()

@@ -21,11 +21,12 @@ import platform
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script: `dualmem` is this checkout
+    import _checkout  # noqa: F401
 
-from tools._bench import PeakRSS, call_timed, timed, write_json  # noqa: E402
-from tools._common import add_data_args, add_device_args, apply_device_args  # noqa: E402
-from utils.run_plan import load_cfg  # noqa: E402
+from dualmem.tools._bench import PeakRSS, call_timed, timed, write_json  # noqa: E402
+from dualmem.tools._common import add_data_args, add_device_args, apply_device_args  # noqa: E402
+from dualmem.utils.run_plan import load_cfg  # noqa: E402
 
 
 def main(argv=None):
@@ -71,11 +72,11 @@ def measure(args, opts):
 
     import torch
 
-    from datasets.builder import build_datasets, build_loader
-    from datasets.manifest_dataset import ManifestDataset
-    from models import ModelHelper
-    from models.heads.dmad import DMAD
-    from utils.engine.stage_one import run_stage_one
+    from dualmem.datasets.builder import build_datasets, build_loader
+    from dualmem.datasets.manifest_dataset import ManifestDataset
+    from dualmem.models import ModelHelper
+    from dualmem.models.heads.dmad import DMAD
+    from dualmem.utils.engine.stage_one import run_stage_one
 
     device = apply_device_args(args)
     args = argparse.Namespace(**{**vars(args), "opts": list(opts)})
@@ -150,7 +151,7 @@ def time_training(cfg, model, device, class_name, epochs):
     import statistics
     import tempfile
 
-    from utils.engine import Trainer
+    from dualmem.utils.engine import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg.trainer.max_epoch = max(int(cfg.trainer.max_epoch), epochs)

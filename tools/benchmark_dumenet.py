@@ -26,14 +26,15 @@ import statistics
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a script: `dualmem` is this checkout
+    import _checkout  # noqa: F401
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tools._bench import reset_peak_rss, status_mb, sync, timed, write_json  # noqa: E402
-from tools._common import add_device_args, apply_device_args  # noqa: E402
-from utils.misc import resolve_device  # noqa: E402
+from dualmem.tools._bench import reset_peak_rss, status_mb, sync, timed, write_json  # noqa: E402
+from dualmem.tools._common import add_device_args, apply_device_args  # noqa: E402
+from dualmem.utils.misc import resolve_device  # noqa: E402
 
 VARIANTS = {
     "uniad": ("UniAD", {}),
@@ -47,7 +48,7 @@ VARIANTS = {
 
 
 def build(variant, size, hidden, device):
-    from models import ModelHelper
+    from dualmem.models import ModelHelper
 
     head, extra = VARIANTS[variant]
     net = [

@@ -18,9 +18,10 @@ import tracemalloc
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools._bench import call_timed, max_rss_mb, write_json  # noqa: E402
-from utils.metrics import (METRIC_NAMES, compute_class_metrics,  # noqa: E402
+if not __package__:  # run as a script: `dualmem` is this checkout
+    import _checkout  # noqa: F401
+from dualmem.tools._bench import call_timed, max_rss_mb, write_json  # noqa: E402
+from dualmem.utils.metrics import (METRIC_NAMES, compute_class_metrics,  # noqa: E402
                            image_score_from_map, summarize)
 
 import cv2  # noqa: E402

@@ -43,11 +43,12 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script: `dualmem` is this checkout
+    import _checkout  # noqa: F401
 
 RESULTS = "results.json"
 SKIP_DIRS = {".git", "__pycache__", "checkpoints", "events", "vis", "plots"}
-from utils.metrics import TABLE_METRICS as METRIC_ORDER  # noqa: E402  (the one list)
+from dualmem.utils.metrics import TABLE_METRICS as METRIC_ORDER  # noqa: E402  (the one list)
 
 
 class InputError(Exception):
@@ -202,7 +203,7 @@ def collect(args_paths, recurse=True, per_class=False, out_dir="."):
     "data": whether rows carry data, "rows": [{"run", "file", "class", "protocol": {varying
     key: value}, "data": {train, test, test_files, skipped} or None, metric: value...}]}.
     ``out_dir``: where the table is written (paths are given relative to it)."""
-    from utils.results import class_data, data_total
+    from dualmem.utils.results import class_data, data_total
 
     entries = []
     for arg in args_paths:
@@ -285,7 +286,7 @@ def _data_cells(data, csv_form=False):
 def to_markdown(table, per_class=False, show_departures=False):
     from tabulate import tabulate
 
-    from utils.results import protocol_line
+    from dualmem.utils.results import protocol_line
 
     columns = [k for k in table["varying"] if k != "data"]
     data = table.get("data")

@@ -33,10 +33,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script: `dualmem` is this checkout
+    import _checkout  # noqa: F401
 
-from tools._common import add_device_args, add_trust_arg, apply_device_args  # noqa: E402
-from utils.exported_model import FORMATS, ExportError  # noqa: E402
+from dualmem.tools._common import add_device_args, add_trust_arg, apply_device_args  # noqa: E402
+from dualmem.utils.exported_model import FORMATS, ExportError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -58,7 +59,7 @@ def parse_args(argv=None):
 
 
 def export(args):
-    from utils.exporting import export_checkpoint
+    from dualmem.utils.exporting import export_checkpoint
 
     if apply_device_args(args).type != "cpu":
         raise ExportError("tools/export.py traces and checks the model on the CPU; drop "
@@ -78,7 +79,7 @@ def export(args):
 def main(argv=None):
     """Exit status: 0 written, 1 refused (the parity check failed), 2 a problem with the
     arguments, checkpoint or data (one line; DUALMEM_DEBUG=1 shows the traceback)."""
-    from tools._common import run_main
+    from dualmem.tools._common import run_main
 
     return run_main(export, parse_args(argv))
 

@@ -13,9 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script: `dualmem` is this checkout
+    import _checkout  # noqa: F401
 
-from datasets.synthetic import (CLASS_SPECS, DEFAULT_IMAGE_SIZE,  # noqa: E402
+from dualmem.datasets.synthetic import (CLASS_SPECS, DEFAULT_IMAGE_SIZE,  # noqa: E402
                                 DEFAULT_NUM_TEST_DEFECT, DEFAULT_NUM_TEST_GOOD,
                                 DEFAULT_NUM_TRAIN, ensure_synthetic_dataset)
 
@@ -36,8 +37,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from datasets.manifest import read_manifest
-    from utils.errors import USER_ERRORS
+    from dualmem.datasets.manifest import read_manifest
+    from dualmem.utils.errors import USER_ERRORS
 
     a = parse_args(argv)
     t0 = time.perf_counter()

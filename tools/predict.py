@@ -38,9 +38,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script: `dualmem` is this checkout
+    import _checkout  # noqa: F401
 
-from tools._common import add_device_args, add_trust_arg, apply_device_args  # noqa: E402
+from dualmem.tools._common import add_device_args, add_trust_arg, apply_device_args  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -69,8 +70,8 @@ def parse_args(argv=None):
 
 
 def predict(args):
-    from utils.detector import load_detector
-    from utils.prediction import find_images, predict_files, summary
+    from dualmem.utils.detector import load_detector
+    from dualmem.utils.prediction import find_images, predict_files, summary
 
     find_images(args.input)  # a wrong --input is refused before the model is loaded
     detector = load_detector(args.checkpoint, device=apply_device_args(args),
@@ -90,7 +91,7 @@ def predict(args):
 def main(argv=None):
     """Exit status: 0 every file scored, 1 some failed (rows with an error), 2 a problem with
     the arguments or the checkpoint (one line; DUALMEM_DEBUG=1 shows the traceback)."""
-    from tools._common import run_main
+    from dualmem.tools._common import run_main
 
     return run_main(predict, parse_args(argv))
 

@@ -17,7 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script: `dualmem` is this checkout
+    import _checkout  # noqa: F401
 
 
 def parse_args(argv=None):
@@ -65,20 +66,20 @@ def parse_args(argv=None):
 
 
 def build(args):
-    from datasets.prepare import build_source
+    from dualmem.datasets.prepare import build_source
 
     if args.source == "folder":
-        from datasets.prepare import folder
+        from dualmem.datasets.prepare import folder
 
         return folder.build(args.good, args.bad, args.masks, args.test_split, args.seed,
                             args.class_name, args.root)
     if args.source == "ader":
-        from datasets.prepare import ader
+        from dualmem.datasets.prepare import ader
 
         return ader.build(args.meta, args.root, args.classes)
     if args.source == "cifar10":
         normal = args.normal[0] if len(args.normal) == 1 else args.normal
-        from datasets.prepare.cifar10 import find_layout
+        from dualmem.datasets.prepare.cifar10 import find_layout
 
         kind, _ = find_layout(args.root)
         export = Path(args.out) / "cifar10_png" if kind == "pickle" else None
@@ -105,7 +106,7 @@ def data_folders(args):
 
 def default_out(args):
     """./data/manifests/<source>, refused when that is inside a dataset folder."""
-    from datasets.prepare import PrepareError
+    from dualmem.datasets.prepare import PrepareError
 
     out = (DEFAULT_OUT / args.source).resolve()
     for folder in data_folders(args):
@@ -117,7 +118,7 @@ def default_out(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from datasets.prepare import (PrepareError, check_records, summary_table,
+    from dualmem.datasets.prepare import (PrepareError, check_records, summary_table,
                                   write_prepared)
 
     try:

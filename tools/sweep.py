@@ -19,9 +19,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script: `dualmem` is this checkout
+    import _checkout  # noqa: F401
 
-from tools._common import add_data_args, add_run_args, launch, run_main  # noqa: E402
+from dualmem.tools._common import add_data_args, add_run_args, launch, run_main  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -36,8 +37,8 @@ def parse_args(argv=None):
 
 
 def run(args):
-    from utils.engine.runs import run_sweep
-    from utils.sweep import parse_grid
+    from dualmem.utils.engine.runs import run_sweep
+    from dualmem.utils.sweep import parse_grid
 
     grid = parse_grid(args.grid)
     return launch(lambda a, device: run_sweep(a, grid, device), args)

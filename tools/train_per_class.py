@@ -15,11 +15,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script: `dualmem` is this checkout
+    import _checkout  # noqa: F401
 
-from tools._common import (add_config_arg, add_data_args, add_run_args,  # noqa: E402
+from dualmem.tools._common import (add_config_arg, add_data_args, add_run_args,  # noqa: E402
                            launch, run_main)
-from utils.errors import UserError  # noqa: E402
+from dualmem.utils.errors import UserError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -38,7 +39,7 @@ def parse_args(argv=None):
 
 
 def run(args):
-    from utils.engine.runs import run_per_class
+    from dualmem.utils.engine.runs import run_per_class
 
     if args.vis and not args.evaluate:
         raise UserError("--vis draws the panels of an evaluation: use it with --evaluate")

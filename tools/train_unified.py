@@ -12,9 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script: `dualmem` is this checkout
+    import _checkout  # noqa: F401
 
-from tools._common import (add_config_arg, add_data_args, add_run_args,  # noqa: E402
+from dualmem.tools._common import (add_config_arg, add_data_args, add_run_args,  # noqa: E402
                            check_run_flags, launch, run_main)
 
 
@@ -43,7 +44,7 @@ def parse_args(argv=None):
 
 
 def run(args):
-    from utils.engine.runs import run_single
+    from dualmem.utils.engine.runs import run_single
 
     check_run_flags(args)
     return launch(lambda a, device: run_single(a, device, "train_unified", a.classes), args)

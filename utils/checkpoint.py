@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 
 class CheckpointError(UserError):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 EXPECTED = "a checkpoint written by DualMem's training (RUN/checkpoints/last.pth)"
 # keys other frameworks put in their checkpoints, and what the file then is
@@ -101,7 +101,7 @@ def check_checkpoint_method(checkpoint, run_cfg, trusted=False):
     config differences (they would all follow from the method)."""
     state = _load(checkpoint, trusted)
     if state is None:
-        from utils.checkpoint import load_checkpoint
+        from dualmem.utils.checkpoint import load_checkpoint
 
         load_checkpoint(checkpoint, map_location="cpu", trusted=trusted)  # raises, saying why
         return

@@ -12,10 +12,10 @@ from pathlib import Path
 import yaml
 from easydict import EasyDict
 
-from utils.config_defaults import apply_defaults
+from dualmem.utils.config_defaults import apply_defaults
 
-from utils.config_schema import SCHEMA, ListOf, OptionalT, PathT
-from utils.config_validation import (ConfigError, _record_origins, _set_origin,  # noqa: F401
+from dualmem.utils.config_schema import SCHEMA, ListOf, OptionalT, PathT
+from dualmem.utils.config_validation import (ConfigError, _record_origins, _set_origin,  # noqa: F401
                                      origin_of, validate_config)
 
 

@@ -97,7 +97,7 @@ def input_settings(cfg):
     ``resize`` lives here alone: a config without ``dataset.resize`` was trained before the key
     existed, with OpenCV's resize (``cv2_linear``, datasets/image_io.py), so that is what it
     means; new configs get ``antialias`` from configs/runtime.yaml."""
-    from datasets.image_io import LEGACY_RESIZE, check_resize
+    from dualmem.datasets.image_io import LEGACY_RESIZE, check_resize
 
     ds = cfg.get("dataset") or {}
     kwargs = (ds.get("image_reader") or {}).get("kwargs") or {}

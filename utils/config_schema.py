@@ -5,7 +5,7 @@ mapping with free keys. ``net[*].kwargs`` is checked later against the module's 
 """
 import math
 
-from datasets.prepare import SOURCES
+from dualmem.datasets.prepare import SOURCES
 
 
 class _AnyT:

@@ -4,8 +4,8 @@ import difflib
 import math
 import os
 
-from utils.config_schema import SCHEMA, Any, Bounded, Choice, ListOf, Number, OptionalT, PathT
-from utils.errors import UserError
+from dualmem.utils.config_schema import SCHEMA, Any, Bounded, Choice, ListOf, Number, OptionalT, PathT
+from dualmem.utils.errors import UserError
 
 
 class ConfigError(UserError):
@@ -205,7 +205,7 @@ def _code_checks(cfg, errors):
     """What the schema cannot say alone: each optimizer/scheduler type's keywords and each net
     module's kwargs, checked against the code that takes them, before any work starts. Once
     the schema found a problem these are skipped (they assume well-formed sections)."""
-    from models.model_builder import net_kwarg_problems
+    from dualmem.models.model_builder import net_kwarg_problems
 
     errors.extend(optim_problems(cfg.get("trainer") or {}))
     errors.extend(net_kwarg_problems(cfg.get("net") or []))

@@ -1,6 +1,6 @@
 """A trained run as a Python object: ``load_detector(RUN).predict(image)``.
 
-    from utils.detector import load_detector
+    from dualmem.utils.detector import load_detector
 
     detector = load_detector("RUN")                  # a run folder or a checkpoint file
     result = detector.predict("bottle_000.png", class_name="bottle")
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -66,7 +66,7 @@ def _accepts(factory, name):
 def offline_net(net_cfg):
     """The ``net:`` list with ``pretrained: false`` / no ``checkpoint_path`` wherever a module
     takes them: the checkpoint carries every weight."""
-    from models.registry import MODELS
+    from dualmem.models.registry import MODELS
 
     out = []
     for entry in net_cfg:
@@ -90,10 +90,10 @@ def load_model(checkpoint, device, trusted=False, plugins=(), expect_net=None):
     is and what was expected (``utils.checkpoint_kind``)."""
     from easydict import EasyDict
 
-    from models import ModelHelper
-    from models.registry import everything_trusted, trust_plugins
-    from utils.checkpoint import CheckpointError, load_checkpoint
-    from utils.checkpoint_kind import (CheckpointKindError, describe, head_of, inspect_file,
+    from dualmem.models import ModelHelper
+    from dualmem.models.registry import everything_trusted, trust_plugins
+    from dualmem.utils.checkpoint import CheckpointError, load_checkpoint
+    from dualmem.utils.checkpoint_kind import (CheckpointKindError, describe, head_of, inspect_file,
                                        is_dualmem, method_mismatch, not_dualmem)
 
     trust_plugins(plugins)
@@ -134,7 +134,7 @@ class InputSpec:
 
     @classmethod
     def from_checkpoint(cls, cfg, state):
-        from utils.config_defaults import input_settings
+        from dualmem.utils.config_defaults import input_settings
 
         ds = cfg["dataset"]
         return cls(tuple(int(s) for s in ds["input_size"]),
@@ -155,7 +155,7 @@ class InputSpec:
 
 def read_input(path, spec):
     """An image file as the array the model's preprocessing expects (``spec.color_mode``)."""
-    from datasets.image_io import read_image
+    from dualmem.datasets.image_io import read_image
 
     return read_image(path, spec.color_mode)
 
@@ -163,7 +163,7 @@ def read_input(path, spec):
 def preprocess(image, spec):
     """An image file or array -> the (3, H, W) float tensor the model takes: read, resize to
     ``spec.input_size`` by ``spec.resize``, scale to [0, 1] and normalise (as training)."""
-    from datasets.image_io import model_input
+    from dualmem.datasets.image_io import model_input
 
     if isinstance(image, (str, os.PathLike)):
         image = read_input(image, spec)
@@ -233,7 +233,7 @@ class Decider:
     def judge(self, score, anomaly_map, cls, source=None):
         """The one decision step: an image score and its map -> a :class:`Prediction` by the
         thresholds of ``cls`` (``score >= image threshold``, ``map >= pixel threshold``)."""
-        from utils.evaluator import normalized_score
+        from dualmem.utils.evaluator import normalized_score
 
         entry, how, image_t, pixel_t = self(cls)
         rule = entry.get("image_rule") or entry.get("image_threshold_source")
@@ -278,8 +278,8 @@ class Detector:
                  pixel_threshold=None, inference=None):
         """``inference``: how to run the model (``utils.inference`` settings); default: as the
         checkpoint's evaluation ran it. ``utils.inference.FLOAT32`` is the exporter's."""
-        from utils.evaluator import evaluator_settings
-        from utils.inference import settings_of
+        from dualmem.utils.evaluator import evaluator_settings
+        from dualmem.utils.inference import settings_of
 
         self.model, self.cfg, self.device = model, cfg, device
         self.checkpoint = checkpoint
@@ -309,13 +309,13 @@ class Detector:
     def anomaly_maps(self, batch):
         """(N, 3, H, W) preprocessed -> (N, H, W) float32 maps, as the run's evaluation
         computed them (cached prefix, feature-cache dtype and ``trainer.amp`` included)."""
-        from utils.inference import anomaly_maps
+        from dualmem.utils.inference import anomaly_maps
 
         return anomaly_maps(self.model, batch, self.inference, self.device)
 
     def scores(self, maps):
         """Image scores from (N, H, W) maps by the run's rule (``evaluator.image_score``)."""
-        from utils.metrics import image_score_from_map
+        from dualmem.utils.metrics import image_score_from_map
 
         return image_score_from_map(maps, **self.score_cfg)
 
@@ -359,7 +359,7 @@ def load_detector(run_or_checkpoint, checkpoint=None, device="cpu", trusted=Fals
     """A :class:`Detector` from a run folder (``checkpoints/last.pth``, or ``checkpoint``:
     e.g. 'best.pth') or a checkpoint file. ``trusted`` opens a checkpoint that holds more
     than tensors and plain data (only for a source you trust)."""
-    from utils.misc import resolve_device
+    from dualmem.utils.misc import resolve_device
 
     path = resolve_checkpoint(run_or_checkpoint, checkpoint)
     device = resolve_device(device)
@@ -369,4 +369,4 @@ def load_detector(run_or_checkpoint, checkpoint=None, device="cpu", trusted=Fals
 
 
 # exported models: the runner lives in utils.exported_model (README and older code import it here)
-from utils.exported_model import ExportedModel, run_exported, sidecar_path  # noqa: E402,F401
+from dualmem.utils.exported_model import ExportedModel, run_exported, sidecar_path  # noqa: E402,F401

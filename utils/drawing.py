@@ -6,7 +6,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from datasets.image_io import resize_image
+from dualmem.datasets.image_io import resize_image
 
 HEADER = 18          # caption strip height (pixels)
 GAP = 2              # white separator between tiles

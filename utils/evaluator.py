@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.metrics import (METRIC_NAMES, compute_class_metrics, mad_of, image_score_from_map,
+from dualmem.utils.metrics import (METRIC_NAMES, compute_class_metrics, mad_of, image_score_from_map,
                            summarize)
-from utils.errors import UserError
-from utils.thresholds import compute_thresholds, mask_status  # noqa: F401 (callers import it)
+from dualmem.utils.errors import UserError
+from dualmem.utils.thresholds import compute_thresholds, mask_status  # noqa: F401 (callers import it)
 
 # UniAD key_metric names -> ours
 KEY_METRIC_ALIASES = {"mean_pixel_auc": "pixel_auroc", "mean_max_auc": "image_auroc",
@@ -63,7 +63,7 @@ def run_inference(model, loader, device, score_cfg, amp_dtype=None, progress=Tru
     """Anomaly maps, scores, labels, masks. Maps stay float32: float16 storage moved pixel AP
     (80.94 vs 80.87 on bottle) by merging close scores into ties. The model runs through
     ``utils.inference.forward_maps``, as every checkpoint consumer does."""
-    from utils.inference import forward_maps
+    from dualmem.utils.inference import forward_maps
 
     model.eval()
     out = {"filename": [], "clsname": [], "label": [], "score": [], "maps": [], "masks": [],

@@ -16,8 +16,8 @@ the eager model itself moves as much when its input moves by float32 rounding (a
 import numpy as np
 import torch
 
-from utils.errors import UserError
-from utils.exported_model import ExportError
+from dualmem.utils.errors import UserError
+from dualmem.utils.exported_model import ExportError
 
 MAP_RTOL = 1e-4     # of each map's largest absolute value
 SCORE_RTOL = 1e-4   # of the largest absolute image score of the set
@@ -37,13 +37,13 @@ def spread(items, n):
 def check_images(cfg, state, images=None, max_images=32):
     """(path, name) pairs: ``images`` (a file or folder), else the run's test manifest."""
     if images:
-        from utils.prediction import find_images
+        from dualmem.utils.prediction import find_images
 
         found = find_images(images)
         if not found:
             raise ExportError(f"no image files under {images}")
         return [(str(p), rel) for p, rel in spread(found, max_images)]
-    from datasets.builder import build_datasets
+    from dualmem.datasets.builder import build_datasets
 
     classes = list(state.get("classes") or [])
     try:
@@ -68,15 +68,15 @@ def random_images(spec, n=NUM_RANDOM, seed=0):
 def eager_reference(model, cfg, state):
     """The checkpoint's :class:`utils.detector.Detector` run as the exported graph computes:
     the whole model in float32 on the CPU."""
-    from utils.detector import Detector
-    from utils.inference import FLOAT32
+    from dualmem.utils.detector import Detector
+    from dualmem.utils.inference import FLOAT32
 
     return Detector(model, cfg, state, torch.device("cpu"), inference=FLOAT32)
 
 
 def eager_outputs(reference, items, batch_size=4):
     """(maps, scores) of the reference on files / arrays, by the checkpoint's preprocessing."""
-    from utils.detector import as_batch
+    from dualmem.utils.detector import as_batch
 
     maps = np.concatenate([reference.anomaly_maps(as_batch(items[i:i + batch_size],
                                                            reference.spec)[0])
@@ -89,7 +89,7 @@ def eager_noise(reference, items, eager_maps, eager_scores, indices, trials=3, e
     """(map change relative to the map's max, absolute score change) of the eager model when
     each preprocessed input moves by N(0, eps^2) (a few float32 rounding steps), the largest of
     ``trials``; zero outside ``indices``."""
-    from utils.detector import as_batch
+    from dualmem.utils.detector import as_batch
 
     map_noise, score_noise = np.zeros(len(items)), np.zeros(len(items))
     g = torch.Generator().manual_seed(seed)
@@ -160,7 +160,7 @@ def check_exported(reference, exported, files, noise, eager):
     ((path, name) pairs) through the sidecar's preprocessing in batches of 3 (not the traced
     2), and each random image of ``noise`` alone; ``eager``: {set name: (maps, scores)} of the
     reference. Where a set fails, the eager model's own noise there is measured and allowed."""
-    from utils.exported_model import run_exported
+    from dualmem.utils.exported_model import run_exported
 
     paths, names = [p for p, _ in files], [n for _, n in files]
     maps, scores = run_exported(exported, paths, batch_size=3)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 ONNX_OPSET = 17
 SIDECAR_SUFFIX = ".json"
@@ -87,7 +87,7 @@ class ExportedModel:
     (maps (N, H, W), image scores (N,))."""
 
     def __init__(self, path, meta=None):
-        from utils.detector import InputSpec
+        from dualmem.utils.detector import InputSpec
 
         self.path = Path(path)
         if meta is None:
@@ -114,7 +114,7 @@ def run_exported(path, images, batch_size=8):
     """Run an exported model on image files / arrays (preprocessed by
     ``utils.detector.preprocess`` with the sidecar's size, resize method and normalisation) or
     on a preprocessed batch: (maps (N, H, W) at the input size, scores (N,)) as numpy arrays."""
-    from utils.detector import as_batch, is_image_array
+    from dualmem.utils.detector import as_batch, is_image_array
 
     model = path if isinstance(path, ExportedModel) else ExportedModel(path)
     if torch.is_tensor(images) or isinstance(images, np.ndarray) and images.ndim == 4:

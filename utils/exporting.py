@@ -32,9 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.export_parity import MAP_RTOL, SCORE_RTOL
-from utils.exported_model import FORMATS, ONNX_OPSET, ExportError, sidecar_path  # noqa: F401
-from utils.inference import forward_maps
+from dualmem.utils.export_parity import MAP_RTOL, SCORE_RTOL
+from dualmem.utils.exported_model import FORMATS, ONNX_OPSET, ExportError, sidecar_path  # noqa: F401
+from dualmem.utils.inference import forward_maps
 
 EXPORT_BATCH = 2    # traced with two images: the batch dimension stays free
 
@@ -140,8 +140,8 @@ def sidecar_preprocessing(spec):
 
 
 def build_sidecar(fmt, output, checkpoint, cfg, state, spec, score_cfg, parity):
-    from utils.code_state import code_version
-    from utils.inference import describe, settings_of
+    from dualmem.utils.code_state import code_version
+    from dualmem.utils.inference import describe, settings_of
 
     h, w = spec.input_size
     meta = {
@@ -230,10 +230,10 @@ def export_checkpoint(run_or_checkpoint, fmt, output=None, images=None, max_imag
     (default :func:`default_output`) in ``fmt``, on the CPU. The file is checked first
     (``utils.export_parity``, on ``images`` or up to ``max_images`` of the run's test set);
     file and sidecar are written (atomically) only when it passes."""
-    from utils.detector import as_batch, load_model, resolve_checkpoint
-    from utils.export_parity import (check_exported, check_images, eager_outputs,
+    from dualmem.utils.detector import as_batch, load_model, resolve_checkpoint
+    from dualmem.utils.export_parity import (check_exported, check_images, eager_outputs,
                                      eager_reference, parity_record, random_images)
-    from utils.exported_model import ExportedModel
+    from dualmem.utils.exported_model import ExportedModel
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")

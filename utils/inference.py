@@ -12,7 +12,7 @@ features) and :func:`anomaly_maps` both call it, so autocast and the map's dtype
 """
 import torch
 
-from utils.misc import amp_dtype_for
+from dualmem.utils.misc import amp_dtype_for
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # the whole model on images in float32: what an exported graph computes (its parity reference)

@@ -36,7 +36,7 @@ MAD_METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_a
                "pixel_f1max", "pixel_aupro")
 TABLE_METRICS = METRIC_NAMES + ["mad"]  # column order of every results table
 
-from utils.ranking_curve import _CHUNK, _build_curve, _cv2, _to_numpy  # noqa: E402
+from dualmem.utils.ranking_curve import _CHUNK, _build_curve, _cv2, _to_numpy  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- public API

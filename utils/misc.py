@@ -4,7 +4,7 @@ import random
 
 import numpy as np
 import torch
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 
 def set_seed(seed, deterministic=False):

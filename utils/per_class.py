@@ -5,13 +5,13 @@ The sweep's folder holds its own ``config.yaml`` / ``run.json`` and one run fold
 (``<work_dir>/<class>/``, resumable or evaluable alone); the loop that trains them is
 ``utils.engine.runs.run_per_class``. Everything here is plain data and files, no training.
 """
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 
 def dataset_classes(cfg):
     """Classes of the configured training manifest, in order of appearance."""
-    from datasets.builder import locate_manifests
-    from datasets.manifest import read_manifest
+    from dualmem.datasets.builder import locate_manifests
+    from dualmem.datasets.manifest import read_manifest
 
     train_meta, _, _ = locate_manifests(cfg, cfg.dataset.get("classes"))
     seen = dict.fromkeys(r["clsname"] for r in read_manifest(train_meta))
@@ -29,7 +29,7 @@ def combine(per_class_results, classes, seconds=None):
     """One results dict (the Trainer's format) from the per-class runs. A protocol entry the
     classes share is given once; one that differs (a class resumed alone to more epochs, with
     an override) is given per class, never as the first class's."""
-    from utils.metrics import summarize
+    from dualmem.utils.metrics import summarize
 
     per_class = {c: per_class_results[c]["per_class"][c] for c in classes}
     protocols = {c: per_class_results[c]["protocol"] for c in classes}
@@ -54,7 +54,7 @@ def combine(per_class_results, classes, seconds=None):
 def class_record(record, cls, folder=None):
     """A class's own run.json: it can be resumed or evaluated alone with train_val.py. A class
     that has run already keeps its own record (its history, its code version)."""
-    from utils.run_record import read_record
+    from dualmem.utils.run_record import read_record
 
     own = read_record(folder) if folder is not None else None
     if own is not None:
@@ -70,8 +70,8 @@ def class_config(plan, folder, override=False):
     changed now; the change then applies to every class, each diffed against its own config
     (a class trained to 3 epochs goes 3 -> 2, not the sweep's 1 -> 2). A hand edit of the
     class's config.yaml is such a change too: refused unless ``override``, then recorded."""
-    from utils.run_plan import load_run_config
-    from utils.run_record import config_diff, format_changes, hand_edit, read_record
+    from dualmem.utils.run_plan import load_run_config
+    from dualmem.utils.run_record import config_diff, format_changes, hand_edit, read_record
 
     if not plan.existing or not (folder / "config.yaml").is_file():
         return plan.cfg, []
@@ -93,7 +93,7 @@ def class_config(plan, folder, override=False):
 def refuse_shortening(jobs, work_dir, trusted):
     """Before anything trains: a run (``work_dir/<name>``, a class or a sweep's cell) already
     trained past its new trainer.max_epoch cannot get there by resuming."""
-    from utils.checkpoint import load_checkpoint
+    from dualmem.utils.checkpoint import load_checkpoint
 
     longer = []
     for name, (cfg, changes) in jobs.items():

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from utils.metrics import ranking_curves
+from dualmem.utils.metrics import ranking_curves
 
 FIGSIZE = (4.0, 3.3)   # inches; at DPI 100 -> 400 x 330 pixels
 DPI = 100

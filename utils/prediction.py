@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 GREY_MODES = ("L", "LA", "I", "I;16", "1")   # Pillow modes training counts as greyscale
@@ -131,10 +131,10 @@ def predict_files(detector, input_path, output, class_name=None, threshold=None,
     import torch
     from tqdm import tqdm
 
-    from datasets.image_io import ImageReadError, read_image
-    from utils.detector import preprocess
-    from utils.report import GALLERY_NAME, data_uri, gallery_html
-    from utils.visualize import annotated_overlay, calibrated_range, vis_settings, write_png
+    from dualmem.datasets.image_io import ImageReadError, read_image
+    from dualmem.utils.detector import preprocess
+    from dualmem.utils.report import GALLERY_NAME, data_uri, gallery_html
+    from dualmem.utils.visualize import annotated_overlay, calibrated_range, vis_settings, write_png
 
     check_thresholds(detector, class_name, threshold, pixel_threshold)
     vis = vis_settings(detector.cfg)
@@ -244,7 +244,7 @@ def summary(rows):
 
 def write_gallery(path, rows, thumbs, detector, render):
     """``index.html`` beside ``predictions.csv``, written atomically."""
-    from utils.report import gallery_rank_key
+    from dualmem.utils.report import gallery_rank_key
 
     key = gallery_rank_key(rows)
     order = sorted(rows, key=lambda r: -float(r[key]) if r.get(key) not in (None, "")

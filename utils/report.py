@@ -72,7 +72,7 @@ def panel_order(inf, thresholds, max_images=None):
     misclassified first, then the rest, each by decreasing score. With ``max_images`` a class
     keeps at most that many: misclassified ones first, the others round-robin over the defect
     folders (``visualize.select_for_vis``)."""
-    from utils.visualize import select_for_vis
+    from dualmem.utils.visualize import select_for_vis
 
     _, wrong = verdicts(inf, thresholds)
     scores = np.asarray(inf["score"], np.float64)
@@ -93,7 +93,7 @@ def panel_order(inf, thresholds, max_images=None):
 
 
 def _panel_path(inf, i, used):
-    from utils.visualize import defect_name
+    from dualmem.utils.visualize import defect_name
 
     name = Path(str(inf["filename"][i]))
     rel = Path("vis") / _safe(inf["clsname"][i]) / _safe(defect_name(name)) / (name.stem + ".png")
@@ -136,7 +136,7 @@ def render_html(title, results, class_sections, note=None):
     """The report page. ``class_sections``: [(class, entry, [(curve path, data URI)],
     [(panel path, data URI, caption, wrong)], panels not embedded)], paths relative to the
     report (where the full-size files are)."""
-    from utils.results import departure_lines, departures_heading, protocol_line, results_table
+    from dualmem.utils.results import departure_lines, departures_heading, protocol_line, results_table
 
     e = html.escape
     out = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
@@ -206,8 +206,8 @@ def write_evaluation_pictures(inf, thresholds, dataset, out_dir, results, writer
     max_images per class). Classes listed in the protocol's ``no_masks`` get panels saying "no
     mask". Returns the written paths (report.html last).
     """
-    from utils import plots
-    from utils.visualize import VIS_DEFAULTS, panel_for, verdict_text, write_png, defect_name
+    from dualmem.utils import plots
+    from dualmem.utils.visualize import VIS_DEFAULTS, panel_for, verdict_text, write_png, defect_name
 
     settings = dict(VIS_DEFAULTS)
     settings.update(vis_cfg or {})

@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils import code_state
+from dualmem.utils import code_state
 
 # --data_type: layouts whose manifests are prepared from the data itself
-from datasets.prepare import SOURCES as DATA_TYPES  # noqa: E402  (the one list)
+from dualmem.datasets.prepare import SOURCES as DATA_TYPES  # noqa: E402  (the one list)
 
 
 def apply_data_args(cfg, data_root=None, data_type=None, classes=None, log=None):
@@ -27,7 +27,7 @@ def apply_data_args(cfg, data_root=None, data_type=None, classes=None, log=None)
     if data_root:
         roots = [str(Path(os.path.expanduser(r)).resolve()) for r in data_root]
         kind = data_type or (ds.get("type") if ds.get("type") in DATA_TYPES else "mvtec")
-        from datasets.prepare import looks_like_folder
+        from dualmem.datasets.prepare import looks_like_folder
 
         if not data_type and kind != "folder" and all(looks_like_folder(r) for r in roots):
             kind = "folder"  # good/ (bad/, masks/) and no class folders: the user's own images
@@ -48,8 +48,8 @@ def apply_data_args(cfg, data_root=None, data_type=None, classes=None, log=None)
 
 def load_cfg(args, classes=None):
     """Config with ``--opts`` and the data arguments applied, validated again afterwards."""
-    from utils.config import load_config, validate_config
-    from utils.config_defaults import unused_keys
+    from dualmem.utils.config import load_config, validate_config
+    from dualmem.utils.config_defaults import unused_keys
 
     cfg = load_config(args.config, args.opts)
     apply_data_args(cfg, getattr(args, "data_root", None), getattr(args, "data_type", None),
@@ -78,7 +78,7 @@ def unique_dir(path):
 def default_work_dir(config_path, pick_latest, prefix=""):
     """A new timestamped folder beside the config, or (``pick_latest``) the newest run there
     that holds a checkpoint."""
-    from utils.run_record import RunRecordError, newest_run
+    from dualmem.utils.run_record import RunRecordError, newest_run
 
     runs = runs_dir_of(config_path)
     if pick_latest:
@@ -124,8 +124,8 @@ def new_record(tool, args, class_name=None, setting=None):
 def plan_new_run(args, tool, classes=None, class_name=None, setting=None, work_dir=None):
     """A run that starts now: ``--config`` is required; the folder (not created yet) must not
     already hold a run, a per-class run or a sweep (its record or results would be replaced)."""
-    from utils import distributed as du
-    from utils.run_record import RECORD_NAME, RunRecordError, has_checkpoint
+    from dualmem.utils import distributed as du
+    from dualmem.utils.run_record import RECORD_NAME, RunRecordError, has_checkpoint
 
     if not getattr(args, "config", None):
         raise RunRecordError("--config is required to start a run (--resume/--evaluate "
@@ -146,8 +146,8 @@ def load_run_config(work_dir):
     """The resolved config a run folder holds, as it was saved."""
     import yaml
 
-    from utils.config import load_config
-    from utils.run_record import RunRecordError
+    from dualmem.utils.config import load_config
+    from dualmem.utils.run_record import RunRecordError
 
     path = Path(work_dir) / "config.yaml"
     if not path.is_file():
@@ -163,7 +163,7 @@ def load_run_config(work_dir):
 def locate_existing_run(args, action):
     """``--work_dir`` (which must exist: nothing is created for a mistyped path), else the
     newest run beside ``--config``."""
-    from utils.run_record import RunRecordError
+    from dualmem.utils.run_record import RunRecordError
 
     if args.work_dir:
         work_dir = Path(args.work_dir)
@@ -180,9 +180,9 @@ def locate_existing_run(args, action):
 def plan_existing_run(args, tool, action, classes=None, class_name=None, work_dir=None):
     """The run's own config and record, with the changes the flags ask for: refused (listing
     each key with its old and new value) unless ``--override``."""
-    from utils import distributed as du
-    from utils.config import apply_overrides, validate_config
-    from utils.run_record import (RunRecordError, check_not_shortened, config_diff,
+    from dualmem.utils import distributed as du
+    from dualmem.utils.config import apply_overrides, validate_config
+    from dualmem.utils.run_record import (RunRecordError, check_not_shortened, config_diff,
                                   format_changes, hand_edit, read_record)
 
     work_dir = Path(du.broadcast_object(work_dir or locate_existing_run(args, action)))
@@ -203,7 +203,7 @@ def plan_existing_run(args, tool, action, classes=None, class_name=None, work_di
                         getattr(args, "data_type", None), classes)
         validate_config(requested, f"{work_dir / 'config.yaml'} with --opts")
     # another method is one line, not the list of every key that follows from it
-    from utils.checkpoint_kind import CheckpointKindError, check_checkpoint_method, head_of
+    from dualmem.utils.checkpoint_kind import CheckpointKindError, check_checkpoint_method, head_of
 
     have, want = head_of(stored.get("net")), head_of(requested.get("net"))
     if have and want and have[1] != want[1]:
@@ -247,7 +247,7 @@ def plan_existing_run(args, tool, action, classes=None, class_name=None, work_di
 
 def run_dir_of_checkpoint(checkpoint):
     """``RUN/checkpoints/x.pth`` -> ``RUN`` when RUN is a run folder; else an error."""
-    from utils.run_record import RECORD_NAME, RunRecordError
+    from dualmem.utils.run_record import RECORD_NAME, RunRecordError
 
     path = Path(checkpoint)
     if not path.is_file():
@@ -274,7 +274,7 @@ def plan_run(args, tool, classes=None):
 
 def evaluation_dir(run_dir, checkpoint):
     """Re-evaluations never touch the training run's results: each gets its own folder."""
-    from utils import distributed as du
+    from dualmem.utils import distributed as du
 
     return du.broadcast_object(unique_dir(
         Path(run_dir) / "evaluations" / f"{Path(checkpoint).stem}-{time.strftime('%Y%m%d-%H%M%S')}"))

@@ -9,7 +9,7 @@ import json
 import os
 import time
 from pathlib import Path
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 RECORD_NAME = "run.json"
 # keys that describe where a config was read from or how it departs from its paper (prose),
@@ -46,7 +46,7 @@ def update_record(work_dir, fields=None, entries=()):
     appended to the history as it is on disk now, so two commands on one run at once (two
     ``--override`` evaluations, a resume beside one) never lose each other's entry. Returns
     the record written."""
-    from utils.workdir_lock import record_lock
+    from dualmem.utils.workdir_lock import record_lock
 
     with record_lock(work_dir):
         record = read_record(work_dir) or {}
@@ -82,8 +82,8 @@ def config_diff(old, new):
     config saved before a default existed differs only where it means something else."""
     import copy
 
-    from utils.config import to_plain
-    from utils.config_defaults import apply_defaults
+    from dualmem.utils.config import to_plain
+    from dualmem.utils.config_defaults import apply_defaults
 
     a, b = (flatten(apply_defaults(copy.deepcopy(to_plain(c or {})))) for c in (old, new))
     changes = []
@@ -142,7 +142,7 @@ def save_run_config(work_dir, cfg, record):
     """Write the run's ``config.yaml`` and note in ``record`` (``run.json``, which the caller
     writes next) the sha256 of its exact bytes and the config itself: a later hand edit of the
     file is then told apart from the recorded config, and what it changed can be listed."""
-    from utils.config import save_config, to_plain
+    from dualmem.utils.config import save_config, to_plain
 
     record["config_sha256"] = save_config(cfg, Path(work_dir) / CONFIG_NAME)
     record["config"] = to_plain(cfg)
@@ -165,7 +165,7 @@ def hand_edit(work_dir, record):
 def epochs_trained(work_dir, trusted=False):
     """Epochs the run's ``checkpoints/last.pth`` has trained (a started epoch counts); None
     without one. (A per-class sweep's classes are checked one by one by its tool.)"""
-    from utils.checkpoint import load_checkpoint
+    from dualmem.utils.checkpoint import load_checkpoint
 
     path = Path(work_dir) / "checkpoints" / "last.pth"
     if not path.is_file():

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 
 def split_values(text):
@@ -100,7 +100,7 @@ def write_report(work_dir, args, grid, cells, fresh=("ok", "pending", "interrupt
     status is in ``fresh`` are read again from their folders first."""
     from tabulate import tabulate
 
-    from utils.results import protocol_line
+    from dualmem.utils.results import protocol_line
 
     for c in cells:
         if c["status"] in fresh:
@@ -144,7 +144,7 @@ def refresh_report(work_dir):
     next; then nothing is done here. Returns whether the table was rewritten."""
     from types import SimpleNamespace
 
-    from utils.workdir_lock import WorkDirBusyError, WorkDirLock
+    from dualmem.utils.workdir_lock import WorkDirBusyError, WorkDirLock
 
     path = Path(work_dir) / "sweep.json"
     if not path.is_file():

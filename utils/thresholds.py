@@ -31,11 +31,11 @@ from collections import OrderedDict
 
 import numpy as np
 
-from utils.metrics import f1_optimal_threshold
+from dualmem.utils.metrics import f1_optimal_threshold
 
 GOOD_RULE = {"image": "good_fpr", "pixel": "good_pixel_rate"}
 RATE_KEY = {"image": "false_reject_rate", "pixel": "pixel_rate"}
-from datasets.prepare import BENCHMARK_SOURCES as BENCHMARK_TYPES  # noqa: E402
+from dualmem.datasets.prepare import BENCHMARK_SOURCES as BENCHMARK_TYPES  # noqa: E402
 # (the benchmark layouts, whose training set auto never cuts)
 QUANTILE = ("nextafter(numpy.quantile(goods, 1 - rate, method='inverted_cdf'), +inf); "
             "rejected: score >= threshold")
@@ -44,7 +44,7 @@ QUANTILE = ("nextafter(numpy.quantile(goods, 1 - rate, method='inverted_cdf'), +
 def threshold_settings(cfg=None):
     """``evaluator.thresholds`` over the defaults (a config saved before the keys existed, or
     one built in code, gets them; ``utils/config_defaults.py`` holds them)."""
-    from utils.config_defaults import DEFAULTS
+    from dualmem.utils.config_defaults import DEFAULTS
 
     given = ((cfg or {}).get("evaluator") or {}).get("thresholds") or {}
     kind = ((cfg or {}).get("dataset") or {}).get("type")

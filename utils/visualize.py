@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.image_io import LEGACY_RESIZE, read_image, resize_image
-from utils.metrics import ranking_curves
-from utils.errors import UserError
-from utils.drawing import (COLORBAR_W, GAP, HEADER, normalize_map, colorize, overlay, text_strip, colorbar, colorbar_width, panel_shape, verdict_text, annotated_overlay, render_panel, stack_rows, write_png, calibrated_range)  # noqa: F401 (re-exported)
+from dualmem.datasets.image_io import LEGACY_RESIZE, read_image, resize_image
+from dualmem.utils.metrics import ranking_curves
+from dualmem.utils.errors import UserError
+from dualmem.utils.drawing import (COLORBAR_W, GAP, HEADER, normalize_map, colorize, overlay, text_strip, colorbar, colorbar_width, panel_shape, verdict_text, annotated_overlay, render_panel, stack_rows, write_png, calibrated_range)  # noqa: F401 (re-exported)
 
 VIS_DEFAULTS = {"normalize": "global", "max_images": None, "alpha": 0.5,
                 "tensorboard_panels": 8}
@@ -147,7 +147,7 @@ def roc_points(scores, labels):
 def roc_figure(inf, pixel=True, size=360):
     """Image ROC (and pixel ROC) of every class, side by side (``size`` pixels square each),
     drawn by ``utils.plots.draw_roc`` like the report's plots."""
-    from utils import plots  # matplotlib is imported only when a figure is drawn
+    from dualmem.utils import plots  # matplotlib is imported only when a figure is drawn
 
     clsnames = np.asarray(inf["clsname"])
     sel = {c: np.flatnonzero(clsnames == c) for c in dict.fromkeys(inf["clsname"])}

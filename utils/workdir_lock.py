@@ -3,7 +3,7 @@ import contextlib
 import fcntl
 import os
 import socket
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 
 class WorkDirBusyError(UserError):

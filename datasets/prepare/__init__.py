@@ -7,7 +7,7 @@ fly for ``dataset.data_root`` and reuses the result while the source is unchange
 """
 from pathlib import Path
 
-from datasets.prepare.common import (Prepared, PrepareError, check_records, summary,
+from dualmem.datasets.prepare.common import (Prepared, PrepareError, check_records, summary,
                                      summary_table, write_prepared)
 
 SOURCES = ("mvtec", "visa", "cifar10", "ader", "folder")  # the one list of data sources
@@ -22,7 +22,7 @@ def _module(source):
 
     if source not in SOURCES:
         raise PrepareError(f"unknown dataset source '{source}'; choose from {', '.join(SOURCES)}")
-    return importlib.import_module(f"datasets.prepare.{source}")
+    return importlib.import_module(f"dualmem.datasets.prepare.{source}")
 
 
 # the folder names a user's own image folder may use (README "Your own images")

@@ -3,7 +3,7 @@ specie_name, anomaly}]}}``), paths relative to the folder holding it, as UniAD m
 import json
 from pathlib import Path
 
-from datasets.prepare.common import Prepared, PrepareError, stat_fingerprint
+from dualmem.datasets.prepare.common import Prepared, PrepareError, stat_fingerprint
 
 META_NAME = "meta.json"
 KEYS = ("img_path", "mask_path", "cls_name", "anomaly")

@@ -18,9 +18,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets.manifest import read_manifest, write_manifest, write_text_atomic
-from datasets.prepare import build_source, source_fingerprint
-from datasets.prepare.common import PrepareError, check_records, short_hash, summary, \
+from dualmem.datasets.manifest import read_manifest, write_manifest, write_text_atomic
+from dualmem.datasets.prepare import build_source, source_fingerprint
+from dualmem.datasets.prepare.common import PrepareError, check_records, short_hash, summary, \
     write_prepared
 
 CACHE_VERSION = 1
@@ -149,7 +149,7 @@ def prepare_one(source, root, classes=None, options=None, cache_dir=None, check_
             return hit
     export_dir = None
     if source == "cifar10":
-        from datasets.prepare.cifar10 import export_key
+        from dualmem.datasets.prepare.cifar10 import export_key
 
         export_dir = base / export_key(root)
     prepared = build_source(source, root, classes=classes, export_dir=export_dir, **options)
@@ -231,7 +231,7 @@ def prepare_manifests(source, roots, classes=None, options=None, cache_dir=None,
 def list_classes(source, root, options=None):
     """Class names a root offers, without checking files (for sweeps and --classes)."""
     if source == "cifar10":
-        from datasets.prepare.cifar10 import CLSNAME
+        from dualmem.datasets.prepare.cifar10 import CLSNAME
 
         return [CLSNAME]
     if source == "mvtec" or (source == "visa" and not (Path(root) / "split_csv").is_dir()):

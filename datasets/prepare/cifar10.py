@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.manifest import IMAGE_EXTENSIONS
-from datasets.prepare.common import Prepared, PrepareError, short_hash, stat_fingerprint
+from dualmem.datasets.manifest import IMAGE_EXTENSIONS
+from dualmem.datasets.prepare.common import Prepared, PrepareError, short_hash, stat_fingerprint
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck")

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets.manifest import write_manifest
-from utils.errors import UserError
+from dualmem.datasets.manifest import write_manifest
+from dualmem.utils.errors import UserError
 
 
 class PrepareError(UserError):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.manifest import IMAGE_EXTENSIONS, MASK_SUFFIX
-from datasets.prepare.common import Prepared, PrepareError, stat_fingerprint
+from dualmem.datasets.manifest import IMAGE_EXTENSIONS, MASK_SUFFIX
+from dualmem.datasets.prepare.common import Prepared, PrepareError, stat_fingerprint
 
 
 def _images(folder, what):

@@ -5,9 +5,9 @@ default source for ``--data_root``.
 """
 from pathlib import Path
 
-from datasets.manifest import IMAGE_EXTENSIONS, MASK_SUFFIX
-from datasets.prepare.common import Prepared, PrepareError, stat_fingerprint
-from utils.errors import UserError
+from dualmem.datasets.manifest import IMAGE_EXTENSIONS, MASK_SUFFIX
+from dualmem.datasets.prepare.common import Prepared, PrepareError, stat_fingerprint
+from dualmem.utils.errors import UserError
 
 
 def _images(folder):

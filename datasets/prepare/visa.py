@@ -8,8 +8,8 @@ as anomalous (see ``datasets.manifest_dataset.read_binary_mask``).
 import csv
 from pathlib import Path
 
-from datasets.prepare import mvtec
-from datasets.prepare.common import Prepared, PrepareError, stat_fingerprint
+from dualmem.datasets.prepare import mvtec
+from dualmem.datasets.prepare.common import Prepared, PrepareError, stat_fingerprint
 
 SPLIT_CSV = Path("split_csv") / "1cls.csv"
 COLUMNS = ("object", "split", "label", "image", "mask")

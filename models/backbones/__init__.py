@@ -1,6 +1,6 @@
 """Backbones: importing this package registers them (``timm_backbone`` and UniAD's names)."""
-from models.backbones.pretrained import PretrainedWeightsUnavailable, create_timm_model  # noqa: F401
-from models.backbones.timm_backbone import (  # noqa: F401
+from dualmem.models.backbones.pretrained import PretrainedWeightsUnavailable, create_timm_model  # noqa: F401
+from dualmem.models.backbones.timm_backbone import (  # noqa: F401
     UNIAD_BACKBONES,
     TimmBackbone,
     efficientnet_b4,

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 import torch
 import timm
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 # timm architecture -> (module, class) of a PyPI package whose
 # ``Class.get_model_file_path()`` returns a lukemelas-style ImageNet state dict.

@@ -8,9 +8,9 @@ import timm
 import torch
 import torch.nn as nn
 
-from models.backbones.pretrained import create_timm_model
-from models.registry import MODELS
-from utils.errors import UserError
+from dualmem.models.backbones.pretrained import create_timm_model
+from dualmem.models.registry import MODELS
+from dualmem.utils.errors import UserError
 
 _PATH = "models.backbones"
 

@@ -1,4 +1,4 @@
 """Anomaly-scoring heads: DMAD, DMAD as its authors' code does it, and PatchCore."""
-from models.heads.dmad import DMAD, PatchBCELoss, PatchFocalLoss  # noqa: F401
-from models.heads.dmad_reference import DMADReference  # noqa: F401
-from models.heads.patchcore import PatchCore  # noqa: F401
+from dualmem.models.heads.dmad import DMAD, PatchBCELoss, PatchFocalLoss  # noqa: F401
+from dualmem.models.heads.dmad_reference import DMADReference  # noqa: F401
+from dualmem.models.heads.patchcore import PatchCore  # noqa: F401

@@ -50,14 +50,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.heads.dmad_banks import (CENTER_SAMPLING, KIND_CENTRE, KIND_PSEUDO,  # noqa: F401
+from dualmem.models.heads.dmad_banks import (CENTER_SAMPLING, KIND_CENTRE, KIND_PSEUDO,  # noqa: F401
                                      KIND_REAL, KIND_SAMPLE, KIND_TEXTURE, NORMAL_SHARE,
                                      BankBuilding)
-from models.heads.dmad_knowledge import KNOWLEDGE_PARTS, REAL_DISTANCE_CAP, KnowledgeRetrieval
-from models.heads.memory_bank import BankState, downsample_mask
-from models.losses import PatchBCELoss, PatchFocalLoss  # noqa: F401  (their old home)
-from models.registry import MODELS
-from utils.errors import UserError
+from dualmem.models.heads.dmad_knowledge import KNOWLEDGE_PARTS, REAL_DISTANCE_CAP, KnowledgeRetrieval
+from dualmem.models.heads.memory_bank import BankState, downsample_mask
+from dualmem.models.losses import PatchBCELoss, PatchFocalLoss  # noqa: F401  (their old home)
+from dualmem.models.registry import MODELS
+from dualmem.utils.errors import UserError
 
 SCORE_MODES = ("head", "normal_plus_correction")
 BANK_BUFFERS = ("normal_bank", "normal_src", "normal_cls", "abnormal_bank", "abnormal_src",

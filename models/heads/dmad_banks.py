@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from models.heads.memory_bank import StreamingCoreset, filter_patches, greedy_coreset, kmeans
-from utils.errors import UserError
+from dualmem.models.heads.memory_bank import StreamingCoreset, filter_patches, greedy_coreset, kmeans
+from dualmem.utils.errors import UserError
 
 KIND_PSEUDO, KIND_REAL, KIND_CENTRE, KIND_SAMPLE, KIND_TEXTURE = 0, 1, 2, 3, 4
 CENTER_SAMPLING = ("kmeans", "mean_noise")

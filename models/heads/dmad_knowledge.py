@@ -11,8 +11,8 @@ nearest abnormal memory *is* reaches the score head, so labelled anomalies can p
 """
 import torch
 
-from models.heads.dmad_banks import KIND_CENTRE, KIND_REAL, KIND_SAMPLE
-from models.heads.memory_bank import knn, min_distance_per_group, retrieval_excluder
+from dualmem.models.heads.dmad_banks import KIND_CENTRE, KIND_REAL, KIND_SAMPLE
+from dualmem.models.heads.memory_bank import knn, min_distance_per_group, retrieval_excluder
 
 KNOWLEDGE_PARTS = ("distance", "residual", "attention", "real_distance")
 REAL_KINDS = (KIND_REAL, KIND_CENTRE, KIND_SAMPLE)

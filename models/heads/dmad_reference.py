@@ -31,10 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.heads.dmad import DMAD, KIND_REAL
-from models.heads.memory_bank import downsample_mask, knn, retrieval_excluder
-from models.registry import MODELS
-from utils.errors import UserError
+from dualmem.models.heads.dmad import DMAD, KIND_REAL
+from dualmem.models.heads.memory_bank import downsample_mask, knn, retrieval_excluder
+from dualmem.models.registry import MODELS
+from dualmem.utils.errors import UserError
 
 
 @MODELS.register(name="DMADReference", path="models.heads")

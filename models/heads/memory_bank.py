@@ -9,7 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 
 # ----------------------------------------------------------------------------- coreset

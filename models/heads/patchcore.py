@@ -25,10 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.heads.dmad import BANK_DTYPES, gaussian_blur
-from models.heads.memory_bank import BankState, StreamingCoreset, knn
-from models.registry import MODELS
-from utils.errors import UserError
+from dualmem.models.heads.dmad import BANK_DTYPES, gaussian_blur
+from dualmem.models.heads.memory_bank import BankState, StreamingCoreset, knn
+from dualmem.models.registry import MODELS
+from dualmem.utils.errors import UserError
 
 
 def reweighting(query, nearest, bank, neighbors, query_chunk=4096, bank_chunk=16384):

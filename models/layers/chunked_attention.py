@@ -11,7 +11,7 @@ the weights are scaled by ``keep_scale(p)`` through V, as the unchunked formula 
 """
 import torch
 
-from models.layers.fast_dropout import keep_scale, threshold, uniform16
+from dualmem.models.layers.fast_dropout import keep_scale, threshold, uniform16
 
 _CHUNK_BYTES = 2 ** 21
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.registry import MODELS
-from utils.errors import UserError
+from dualmem.models.registry import MODELS
+from dualmem.utils.errors import UserError
 
 PROJECTIONS = ("none", "avgpool", "random")
 

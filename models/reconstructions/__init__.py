@@ -1,3 +1,3 @@
 """Reconstruction heads: UniAD and DuMeNet's dual-memory extension."""
-from models.reconstructions.uniad import UniAD  # noqa: F401
-from models.reconstructions.uniad_memory import UniADMemory  # noqa: F401
+from dualmem.models.reconstructions.uniad import UniAD  # noqa: F401
+from dualmem.models.reconstructions.uniad_memory import UniADMemory  # noqa: F401

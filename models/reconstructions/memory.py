@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 SSIM_MODES = ("global", "local")
 FUSION_MODES = ("concat", "add", "multiply", "attention", "gate")

@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.layers.chunked_attention import attention_dropout
-from models.layers.fast_dropout import FastDropout, relu_dropout_
-from utils.errors import UserError
+from dualmem.models.layers.chunked_attention import attention_dropout
+from dualmem.models.layers.fast_dropout import FastDropout, relu_dropout_
+from dualmem.utils.errors import UserError
 
 
 def neighbor_mask_loops(feature_size, neighbor_size):

@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.initializer import initialize_from_cfg
-from models.reconstructions.transformer import Transformer, build_position_embedding
-from models.registry import MODELS
-from utils.errors import UserError
+from dualmem.models.initializer import initialize_from_cfg
+from dualmem.models.reconstructions.transformer import Transformer, build_position_embedding
+from dualmem.models.registry import MODELS
+from dualmem.utils.errors import UserError
 
 
 def add_feature_jitter(tokens, scale, prob, generator=None):

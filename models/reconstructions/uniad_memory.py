@@ -8,13 +8,13 @@ projections, positions, transformer, anomaly map) is UniAD's code, reused.
 """
 import torch
 
-from models.initializer import initialize_from_cfg
-from models.reconstructions.memory import (FUSION_MODES, ChannelMemory, SpatialMemory,
+from dualmem.models.initializer import initialize_from_cfg
+from dualmem.models.reconstructions.memory import (FUSION_MODES, ChannelMemory, SpatialMemory,
                                            _check_choice, build_fusion)
-from models.reconstructions.transformer import Transformer
-from models.reconstructions.uniad import FeatureReconstruction
-from models.registry import MODELS
-from utils.errors import UserError
+from dualmem.models.reconstructions.transformer import Transformer
+from dualmem.models.reconstructions.uniad import FeatureReconstruction
+from dualmem.models.registry import MODELS
+from dualmem.utils.errors import UserError
 
 MEMORY_MODES = ("channel", "spatial", "both", "none")
 

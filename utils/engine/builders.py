@@ -1,10 +1,10 @@
 """What the engine builds from the config's trainer section: optimizer, schedule, autocast."""
 import torch
 
-from utils.config import to_plain
-from utils.config_validation import SCHEDULER_DEFAULTS, optim_classes
-from utils.misc import amp_dtype_for  # noqa: F401  (part of the engine's API)
-from utils.errors import UserError
+from dualmem.utils.config import to_plain
+from dualmem.utils.config_validation import SCHEDULER_DEFAULTS, optim_classes
+from dualmem.utils.misc import amp_dtype_for  # noqa: F401  (part of the engine's API)
+from dualmem.utils.errors import UserError
 
 OPTIMIZERS, SCHEDULERS = optim_classes()
 

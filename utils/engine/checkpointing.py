@@ -3,14 +3,14 @@ utils/checkpoint.py), how a run continues from one, and the run record (``run.js
 import math
 from pathlib import Path
 
-from utils import code_state
-from utils import distributed as du
-from utils.inference import inference_settings
-from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from utils.config import to_plain
-from datasets.manifest import file_id, group_ids
-from utils.engine.builders import build_scheduler, schedule_changed
-from utils.engine.evaluation import recorded_ids
+from dualmem.utils import code_state
+from dualmem.utils import distributed as du
+from dualmem.utils.inference import inference_settings
+from dualmem.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dualmem.utils.config import to_plain
+from dualmem.datasets.manifest import file_id, group_ids
+from dualmem.utils.engine.builders import build_scheduler, schedule_changed
+from dualmem.utils.engine.evaluation import recorded_ids
 
 
 class CheckpointMixin:
@@ -139,7 +139,7 @@ class CheckpointMixin:
         self.load_state(state, resume=True)
         self.check_leakage(state, path, action="--resume")  # before anything is written
         if self.start_epoch + (self.start_step > 0) > self.max_epoch:
-            from utils.errors import UserError
+            from dualmem.utils.errors import UserError
 
             raise UserError(f"{path} holds {self.start_epoch} trained epochs"
                             f"{f' and {self.start_step} steps' if self.start_step else ''} but "
@@ -204,7 +204,7 @@ class CheckpointMixin:
         add its own entry at the same time)."""
         if not self.is_main:
             return
-        from utils.run_record import history_entry, update_record
+        from dualmem.utils.run_record import history_entry, update_record
 
         rec = self.record
         rec["classes"] = list(self.classes)

@@ -2,18 +2,18 @@
 the leakage guard and the protocol of what it went through), and the result files."""
 from pathlib import Path
 
-from datasets.manifest import (ANY_CLASS, data_summary, file_id, ids_matching,
+from dualmem.datasets.manifest import (ANY_CLASS, data_summary, file_id, ids_matching,
                                relative_name, ungroup_ids)
-from utils.config_defaults import input_settings
-from utils import distributed as du
-from utils.checkpoint import load_checkpoint
-from utils.config import to_plain
-from utils.evaluator import (compute_thresholds, evaluation_notes, metrics_from_inference,
+from dualmem.utils.config_defaults import input_settings
+from dualmem.utils import distributed as du
+from dualmem.utils.checkpoint import load_checkpoint
+from dualmem.utils.config import to_plain
+from dualmem.utils.evaluator import (compute_thresholds, evaluation_notes, metrics_from_inference,
                              run_inference, write_scores, write_thresholds)
-from utils.results import operating_point_table, protocol_line, results_table, write_results
-from utils.thresholds import operating_points, rules_summary, threshold_settings
-from utils.visualize import log_evaluation_images, vis_settings
-from utils.errors import UserError
+from dualmem.utils.results import operating_point_table, protocol_line, results_table, write_results
+from dualmem.utils.thresholds import operating_points, rules_summary, threshold_settings
+from dualmem.utils.visualize import log_evaluation_images, vis_settings
+from dualmem.utils.errors import UserError
 
 
 def gather_inference(parts):
@@ -87,7 +87,7 @@ class EvaluationMixin:
 
     @property
     def data_roots(self):
-        from datasets.builder import data_roots
+        from dualmem.datasets.builder import data_roots
 
         return data_roots(self.cfg)
 
@@ -212,9 +212,9 @@ class EvaluationMixin:
         Images these weights were trained on (``check_leakage``) are left out."""
         import numpy as np
 
-        from datasets.builder import build_loader
-        from utils.inference import anomaly_maps, inference_settings
-        from utils.metrics import image_score_from_map
+        from dualmem.datasets.builder import build_loader
+        from dualmem.utils.inference import anomaly_maps, inference_settings
+        from dualmem.utils.metrics import image_score_from_map
 
         held = getattr(self.train_set, "holdout", None)
         if held is None or held.dataset is None:
@@ -287,7 +287,7 @@ class EvaluationMixin:
         heat-map panels under ``vis/<class>/<defect>`` and ``report.html`` (always drawn;
         ``vis`` is kept for the ``--vis`` flag of older commands). The protocol says what the
         checkpoint went through."""
-        from utils.run_record import config_diff, format_changes
+        from dualmem.utils.run_record import config_diff, format_changes
 
         state = load_checkpoint(checkpoint, map_location=self.device, trusted=trusted)
         accepted = {c["key"] for h in self.record.get("history", [])
@@ -320,7 +320,7 @@ class EvaluationMixin:
         results = self.evaluate_now(protocol=protocol)
         results["checkpoint"] = str(Path(checkpoint).resolve())
         if self.is_main:  # the code that scored it, beside the code that trained it
-            from utils.code_state import snapshot
+            from dualmem.utils.code_state import snapshot
 
             snap = snapshot(exclude=self.work_dir)
             results["evaluated_with"] = {"dualmem_version": snap.version,
@@ -350,7 +350,7 @@ class EvaluationMixin:
         latest evaluation (rank 0; TensorBoard images too when training)."""
         if not self.is_main:
             return
-        from utils.report import write_evaluation_pictures
+        from dualmem.utils.report import write_evaluation_pictures
 
         paths = write_evaluation_pictures(
             self.last_inference, self.thresholds, self.test_set, out_dir, results,

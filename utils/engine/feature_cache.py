@@ -24,9 +24,9 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from datasets.builder import build_loader
-from utils import distributed as du
-from utils.errors import UserError
+from dualmem.datasets.builder import build_loader
+from dualmem.utils import distributed as du
+from dualmem.utils.errors import UserError
 
 META_KEYS = ("mask", "label", "clsname", "filename", "index")
 
@@ -113,7 +113,7 @@ def cache_key(model, dataset, net_cfg, dtype, split):
 
 def save_cache(cached, path, key):
     """Stacked per-key tensors (masks as uint8 when binary), written atomically."""
-    from utils.checkpoint import save_checkpoint
+    from dualmem.utils.checkpoint import save_checkpoint
 
     items = cached.items
     packed = {}

@@ -10,14 +10,14 @@ import time
 import traceback
 from pathlib import Path
 
-from utils.engine.trainer import Trainer, TrainingInterrupted
-from utils.errors import UserError
+from dualmem.utils.engine.trainer import Trainer, TrainingInterrupted
+from dualmem.utils.errors import UserError
 
 
 def run_single(args, device, tool, classes=None):
     """A new run, a ``--resume`` or an ``--evaluate`` of one run folder. Exit status 0."""
-    from utils import distributed as du
-    from utils.run_plan import evaluation_dir, plan_run
+    from dualmem.utils import distributed as du
+    from dualmem.utils.run_plan import evaluation_dir, plan_run
 
     p = plan_run(args, tool, classes)
     progress = not args.no_progress
@@ -46,7 +46,7 @@ def run_single(args, device, tool, classes=None):
             raise
     trainer.fit()
     if p.record.get("sweep") and du.is_main():  # a sweep's cell: its table shows the new results
-        from utils.sweep import refresh_report
+        from dualmem.utils.sweep import refresh_report
 
         refresh_report(p.work_dir.resolve().parent)
     return 0
@@ -56,8 +56,8 @@ def _record_evaluation(p, out):
     """An evaluation under accepted changes is part of the run's history: appended to
     ``run.json`` as it is on disk now, under its lock (another command may be recording its
     own change to this run at the same time)."""
-    from utils import distributed as du
-    from utils.run_record import history_entry, update_record
+    from dualmem.utils import distributed as du
+    from dualmem.utils.run_record import history_entry, update_record
 
     if p.changes and du.is_main():
         entry = history_entry("evaluate", p.changes, sys.argv)
@@ -67,9 +67,9 @@ def _record_evaluation(p, out):
 
 def _open_per_class(args):
     """The per-class sweep's plan, its classes, and each class's (config, changes)."""
-    from datasets.manifest import check_class_name
-    from utils.per_class import class_config, dataset_classes, refuse_shortening
-    from utils.run_plan import plan_existing_run, plan_new_run
+    from dualmem.datasets.manifest import check_class_name
+    from dualmem.utils.per_class import class_config, dataset_classes, refuse_shortening
+    from dualmem.utils.run_plan import plan_existing_run, plan_new_run
 
     if args.evaluate or args.resume:
         action = "--evaluate" if args.evaluate else "--resume"
@@ -96,13 +96,13 @@ def _open_per_class(args):
 def run_per_class(args, device):
     """One model per class in ``<work_dir>/<class>/``, then the combined table; ``--resume``
     keeps finished classes, ``--evaluate`` writes ``<work_dir>/evaluations/<time>/``."""
-    from utils import distributed as du
-    from utils.config import save_config
-    from utils.logger import setup_logger
-    from utils.per_class import class_record, combine
-    from utils.results import protocol_line, results_table, write_results
-    from utils.run_plan import evaluation_dir
-    from utils.run_record import history_entry, update_record
+    from dualmem.utils import distributed as du
+    from dualmem.utils.config import save_config
+    from dualmem.utils.logger import setup_logger
+    from dualmem.utils.per_class import class_record, combine
+    from dualmem.utils.results import protocol_line, results_table, write_results
+    from dualmem.utils.run_plan import evaluation_dir
+    from dualmem.utils.run_record import history_entry, update_record
 
     plan, classes, jobs = _open_per_class(args)
     work_dir = plan.work_dir
@@ -113,7 +113,7 @@ def run_per_class(args, device):
     if main and not args.evaluate:
         entries = [history_entry("resume", plan.changes, sys.argv)] if plan.changes else []
         if plan.record.get("dualmem_version") is None:  # a new sweep: its code, once
-            from utils.code_state import snapshot
+            from dualmem.utils.code_state import snapshot
 
             snap = snapshot(exclude=work_dir)
             plan.record.update(dualmem_version=snap.version, code_diff=snap.save(work_dir))
@@ -167,13 +167,13 @@ def run_sweep(args, grid, device):
     again, the same command keeps the finished cells, continues an interrupted one and
     retries failed ones. A signal stops the sweep (exit 128+N). Exit status: 0 every cell
     trained, 1 some cell failed (recorded; the sweep went on)."""
-    from utils import distributed as du
-    from utils.config import load_config
-    from utils.per_class import refuse_shortening
-    from utils.run_plan import unique_dir
-    from utils.run_record import RECORD_NAME
-    from utils.sweep import check_folder, make_cells, write_report
-    from utils.workdir_lock import WorkDirLock
+    from dualmem.utils import distributed as du
+    from dualmem.utils.config import load_config
+    from dualmem.utils.per_class import refuse_shortening
+    from dualmem.utils.run_plan import unique_dir
+    from dualmem.utils.run_record import RECORD_NAME
+    from dualmem.utils.sweep import check_folder, make_cells, write_report
+    from dualmem.utils.workdir_lock import WorkDirLock
 
     main_rank = du.is_main()
     work_dir = Path(du.broadcast_object(Path(args.work_dir) if args.work_dir else unique_dir(
@@ -218,8 +218,8 @@ def run_sweep(args, grid, device):
 def _open_cell(args, cell, cell_dir):
     """A cell folder a former run of this sweep left: its own config and record, checked
     against this command (a changed config is refused unless --override, then recorded)."""
-    from utils.run_plan import plan_existing_run
-    from utils.sweep import cell_args
+    from dualmem.utils.run_plan import plan_existing_run
+    from dualmem.utils.sweep import cell_args
 
     return plan_existing_run(cell_args(args, cell["overrides"], cell_dir), "sweep",
                              "a re-run of the sweep", class_name=args.class_name,
@@ -230,8 +230,8 @@ def _train_cell(args, overrides, cell_dir, device, plan=None):
     """Train one cell in a run folder of its own (``--work_dir CELL --evaluate/--resume``
     work on it as on any run), or continue it (``plan`` of a folder a former run left);
     returns the final-epoch results."""
-    from utils.run_plan import plan_new_run
-    from utils.sweep import cell_args
+    from dualmem.utils.run_plan import plan_new_run
+    from dualmem.utils.sweep import cell_args
 
     if plan is None:
         plan = plan_new_run(cell_args(args, overrides, cell_dir), "sweep",
@@ -250,8 +250,8 @@ def _train_cell(args, overrides, cell_dir, device, plan=None):
 
 def _sweep_cell(args, grid, device, work_dir, cells, i, plan):
     """One cell: kept when it finished under this very config, else trained or continued."""
-    from utils import distributed as du
-    from utils.sweep import write_report
+    from dualmem.utils import distributed as du
+    from dualmem.utils.sweep import write_report
 
     cell, name, main_rank = cells[i], cells[i]["name"], du.is_main()
     if plan is not None and not plan.changes and (work_dir / name / "results.json").is_file():

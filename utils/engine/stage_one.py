@@ -21,9 +21,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets.bank_images import (BankImages, OutlierImages, bank_synthesizer, plain_images,
+from dualmem.datasets.bank_images import (BankImages, OutlierImages, bank_synthesizer, plain_images,
                                   training_recipe)
-from utils.errors import UserError
+from dualmem.utils.errors import UserError
 
 
 @dataclass

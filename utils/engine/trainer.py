@@ -14,24 +14,24 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from datasets.builder import build_datasets, build_loader
-from datasets.samplers import ResumableRandomSampler, ShardSampler
-from models import ModelHelper
-from models.losses import Criterion
-from utils import distributed as du
-from utils.run_record import save_run_config
-from utils.config_defaults import apply_defaults, input_settings
-from utils.engine.builders import build_optimizer, build_scheduler, wrap_training_net
-from utils.misc import amp_dtype_for, set_seed
-from utils.engine.checkpointing import CheckpointMixin
-from utils.engine.evaluation import EvaluationMixin
-from utils.engine.feature_cache import FeatureCacheMixin
-from utils.engine.stage_one import run_stage_one, stage_one_modules
-from utils.errors import NonFiniteLossError
-from utils.evaluator import evaluator_settings
-from utils.logger import attach_log_file, setup_logger
-from utils.workdir_lock import WorkDirLock
-from utils.errors import UserError
+from dualmem.datasets.builder import build_datasets, build_loader
+from dualmem.datasets.samplers import ResumableRandomSampler, ShardSampler
+from dualmem.models import ModelHelper
+from dualmem.models.losses import Criterion
+from dualmem.utils import distributed as du
+from dualmem.utils.run_record import save_run_config
+from dualmem.utils.config_defaults import apply_defaults, input_settings
+from dualmem.utils.engine.builders import build_optimizer, build_scheduler, wrap_training_net
+from dualmem.utils.misc import amp_dtype_for, set_seed
+from dualmem.utils.engine.checkpointing import CheckpointMixin
+from dualmem.utils.engine.evaluation import EvaluationMixin
+from dualmem.utils.engine.feature_cache import FeatureCacheMixin
+from dualmem.utils.engine.stage_one import run_stage_one, stage_one_modules
+from dualmem.utils.errors import NonFiniteLossError
+from dualmem.utils.evaluator import evaluator_settings
+from dualmem.utils.logger import attach_log_file, setup_logger
+from dualmem.utils.workdir_lock import WorkDirLock
+from dualmem.utils.errors import UserError
 
 
 class TrainingInterrupted(Exception):
@@ -175,7 +175,7 @@ class Trainer(FeatureCacheMixin, CheckpointMixin, EvaluationMixin):
 
     def _validate_data(self):
         """``dataset.validate`` (default true): decode every file once before training."""
-        from datasets.validation import check_classes, validate_records
+        from dualmem.datasets.validation import check_classes, validate_records
 
         ds = self.cfg.dataset
         color = input_settings(self.cfg).color_mode
