@@ -345,3 +345,25 @@ def test_good_images_only(tmp_path):
     assert not (work / "checkpoints" / "best.pth").exists()
     point = results["operating_point"]["parts"]
     assert point["bad"] == 0 and point["escape_rate"] is None and point["good"] == 3
+
+
+def test_a_per_class_run_keeps_each_class_s_operating_point_and_lists_classes_without_masks():
+    from dualmem.utils.per_class import combine
+    from dualmem.utils.results import operating_point_table
+
+    def one(cls, masks):
+        point = {"image_threshold": 0.5, "rule": "good_fpr(1%, 20 held-out goods)",
+                 "false_rejects": 1, "good": 20, "false_reject_rate": 0.05, "escapes": 2,
+                 "bad": 10, "escape_rate": 0.2}
+        protocol = {"dataset": "folder", "epochs": 1, "no_masks": [] if masks else [cls]}
+        metrics = {"image_auroc": 0.9}
+        return {"protocol": protocol, "per_class": {cls: metrics}, "mean": metrics,
+                "operating_point": {cls: dict(point, escapes=len(cls))}, "epoch": 1}
+
+    combined = combine({"a": one("a", True), "bb": one("bb", False), "ccc": one("ccc", False)},
+                       ["a", "bb", "ccc"])
+    assert combined["protocol"]["no_masks"] == ["bb", "ccc"]
+    assert {c: p["escapes"] for c, p in combined["operating_point"].items()} == \
+        {"a": 1, "bb": 2, "ccc": 3}
+    text = operating_point_table(combined)
+    assert text.count("good_fpr(1%, 20 held-out goods)") == 3 and "bb" in text

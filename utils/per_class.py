@@ -25,6 +25,9 @@ def dataset_classes(cfg):
     return list(seen)
 
 
+CLASS_LISTS = ("no_masks",)  # protocol entries that list class names
+
+
 def combine(per_class_results, classes, seconds=None):
     """One results dict (the Trainer's format) from the per-class runs. A protocol entry the
     classes share is given once; one that differs (a class resumed alone to more epochs, with
@@ -43,9 +46,15 @@ def combine(per_class_results, classes, seconds=None):
             protocol[key] = {c: v[c] for c, v in values.items()}  # already given by class
         elif not same and key == "overrides":  # a list as in every protocol, class named
             protocol[key] = [f"{c}: {o}" for c, v in values.items() for o in v]
+        elif key in CLASS_LISTS:  # lists of class names: the union, in class order
+            named = {n for v in values.values() for n in (v or [])}
+            protocol[key] = [c for c in classes if c in named]
     protocol.update(classes=list(classes), setting="per-class")
     out = {"protocol": protocol, "per_class": per_class, "mean": summarize(per_class),
            "epoch": {c: per_class_results[c].get("epoch") for c in classes}}
+    points = {c: per_class_results[c].get("operating_point", {}).get(c) for c in classes}
+    if any(p is not None for p in points.values()):
+        out["operating_point"] = {c: p for c, p in points.items() if p is not None}
     if seconds is not None:
         out["seconds"] = {c: round(s, 1) for c, s in seconds.items()}
     return out

@@ -243,7 +243,7 @@ def _train_cell(args, overrides, cell_dir, device, plan=None):
     try:
         if plan.existing and (Path(cell_dir) / "checkpoints" / "last.pth").is_file():
             trainer.resume(trusted=args.trust_checkpoint)
-        return trainer.fit(), trainer.key_metric
+        return trainer.fit(), getattr(trainer, "key_metric_used", trainer.key_metric)  # used
     finally:
         trainer.close()
 
