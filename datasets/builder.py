@@ -14,6 +14,13 @@ from dualmem.utils.errors import UserError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def default_synthetic_root():
+    """``data/synthetic`` of the checkout; installed from a wheel (no checkout: no configs/
+    beside the code) ``data/synthetic`` of the working directory, never site-packages."""
+    base = REPO_ROOT if (REPO_ROOT / "configs").is_dir() else Path.cwd()
+    return base / "data" / "synthetic"
+
+
 from dualmem.datasets.prepare import SOURCES as PREPARED_TYPES  # noqa: E402  (the one list)
 
 
@@ -56,7 +63,7 @@ def locate_manifests(cfg, classes=None, log=None):
         from dualmem.datasets.synthetic import ensure_synthetic_dataset
 
         params = dict(ds.get("synthetic") or {})
-        root = Path(params.pop("root", None) or REPO_ROOT / "data" / "synthetic")
+        root = Path(params.pop("root", None) or default_synthetic_root())
         ensure_synthetic_dataset(root, **params)
         return str(root / "train.json"), str(root / "test.json"), str(root)
     roots = data_roots(cfg)

@@ -20,6 +20,7 @@ from dualmem.utils.errors import UserError
 
 _OWN_PACKAGE = "models"  # as configs spell it (UniAD's dotted paths); imported as dualmem.models
 _IMPORT_PREFIX = "dualmem."
+RESERVED_PLUGIN_NAMES = (_OWN_PACKAGE, "dualmem")
 _trusted_prefixes = set()  # module names the user named on the command line
 _trust_all = [False]
 
@@ -34,8 +35,13 @@ class UntrustedTypeError(UserError, KeyError):
 def trust_plugins(modules):
     """Import the modules the user named (``--plugins``): their classes may be built."""
     names = [n for n in (str(m).strip() for m in modules or ()) if n]
+    for name in names:
+        if name.split(".")[0] in RESERVED_PLUGIN_NAMES:
+            raise UserError(f"--plugins {name}: '{name.split('.')[0]}' names DualMem's own "
+                            f"modules (a config's 'models.X' is DualMem's dualmem.models.X), so "
+                            f"a plugin cannot be called that; rename your package")
     if names and os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())  # a tool run as a script: its folder is first, not the cwd
+        sys.path.insert(0, os.getcwd())  # a tool run as a script: its folder is first, not cwd
     for name in names:
         try:
             importlib.import_module(name)
@@ -123,9 +129,16 @@ class Registry:
                     if key in self._entries:  # importing may have registered it
                         return self._entries[key]
                     found = getattr(module, attr, None)
-                    if found is not None and (not own or _trust_all[0] or _trusted_module(
-                            module_path) or found in self._entries.values()):
+                    # DualMem's own module: only a registered class (or --trust_checkpoint);
+                    # --plugins trust the user's modules, never DualMem's internals
+                    if found is not None and (not own or _trust_all[0]
+                                              or found in self._entries.values()):
                         return found
+            elif module_path.split(".")[0] == "dualmem":
+                raise UntrustedTypeError(
+                    f"{self.name} type '{key}' is not a registered DualMem {self.name}: a config "
+                    f"names DualMem's modules as 'models.<...>' (registered classes only); it "
+                    f"was refused before importing anything")
             else:
                 raise UntrustedTypeError(
                     f"{self.name} type '{key}' is not a registered DualMem {self.name}; it was "

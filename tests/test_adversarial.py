@@ -13,6 +13,7 @@ import yaml
 
 from conftest import ROOT
 from dualmem.models.registry import MODELS, UntrustedTypeError, reset_trust, trust_plugins
+from dualmem.utils.errors import UserError
 
 
 def evil_config(marker):
@@ -112,6 +113,31 @@ def test_plugins_named_on_the_command_line_are_the_only_way_in(tmp_path, monkeyp
         sys.modules.pop(name, None)
     with pytest.raises(UntrustedTypeError):
         MODELS.get(f"{name}.Tiny")
+
+
+def test_plugins_never_open_dualmem_s_own_internals(tmp_path, monkeypatch):
+    """Trusting a user's module trusts that module only: DualMem's own modules still give
+    registered classes only, a plugin cannot take DualMem's names, and a refusal of a
+    ``dualmem.`` path never advises trusting DualMem as a plugin."""
+    name = "dualmem_adversarial_plugin2"
+    (tmp_path / f"{name}.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        trust_plugins([name])
+        for key in ("models.registry.trust_everything", "models.model_builder.build_module",
+                    "dualmem.models.registry.trust_everything"):
+            with pytest.raises(UntrustedTypeError):
+                MODELS.get(key)
+        for reserved in ("models", "models.necks", "dualmem", "dualmem.utils"):
+            with pytest.raises(UserError, match=f"--plugins {reserved}: .* rename your package"):
+                trust_plugins([reserved])
+        with pytest.raises(UntrustedTypeError) as err:
+            MODELS.get("dualmem.utils.checkpoint.load_checkpoint")
+        assert "--plugins" not in str(err.value)
+        assert MODELS.get("dualmem.models.necks.MFCN") is MODELS.get("models.necks.MFCN")
+    finally:
+        reset_trust()
+        sys.modules.pop(name, None)
 
 
 # ----------------------------------------------------------------------------- CIFAR pickles

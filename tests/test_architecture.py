@@ -59,6 +59,37 @@ def test_dualmem_imports_itself_only_as_dualmem():
     assert int(count) > 100 and loaded == "[]", proc.stdout
 
 
+def test_a_tool_s_checkout_is_the_only_place_dualmem_loads_from(tmp_path):
+    """tools/_checkout.py: a second checkout binds to itself; a module missing there is an
+    error, not taken from the installed checkout; binding the installed checkout again after
+    ``import dualmem.X`` went through the install is fine; another checkout then is refused."""
+    import shutil
+    import subprocess
+
+    other = tmp_path / "other"
+    for name in ("tools", "utils"):
+        shutil.copytree(ROOT / name, other / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (other / "utils" / "plots.py").unlink()
+
+    def run(code, cwd=tmp_path):
+        return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True,
+                              text=True, timeout=120)
+
+    bind_other = f"import sys; sys.path.insert(0, {str(other / 'tools')!r}); import _checkout; "
+    proc = run(bind_other + "import dualmem.utils.errors as e; print(e.__file__)")
+    assert proc.returncode == 0 and proc.stdout.strip() == str(other / "utils" / "errors.py")
+    proc = run(bind_other + "import dualmem.utils.plots")
+    assert proc.returncode != 0 and f"'dualmem.utils.plots' in the checkout {other}" in \
+        proc.stderr
+    again = (f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import _checkout;"
+             " import dualmem.utils.plots as p; print(p.__file__)")
+    proc = run("import dualmem.utils.errors; " + again)  # the README's editable install first
+    assert proc.returncode == 0 and proc.stdout.strip() == str(ROOT / "utils" / "plots.py"), \
+        proc.stderr
+    proc = run("import dualmem.utils.errors; " + bind_other)
+    assert proc.returncode != 0 and "dualmem is already imported from" in proc.stderr
+
+
 @pytest.mark.slow
 def test_the_toy_head_of_the_add_method_page_trains_and_evaluates_from_yaml(tmp_path, monkeypatch):
     from dualmem.tools import train_val

@@ -79,14 +79,16 @@ def test_installed_wheel_imports_from_any_folder_beside_the_user_s_own_utils(whe
     (user / "utils").mkdir(parents=True)
     (user / "utils" / "__init__.py").write_text("WHO = 'mine'\n")
     probe = ("import utils, dualmem.models.registry as r, dualmem.utils.errors as e;"
-             " print(utils.WHO, r.__file__, e.UserError.__module__)")
+             " from dualmem.datasets.builder import default_synthetic_root as d;"
+             " print(utils.WHO, r.__file__, e.UserError.__module__, d())")
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
            "PYTHONPATH": str(target)}  # before site-packages (and an editable install there)
     proc = subprocess.run([sys.executable, "-c", probe], cwd=user, capture_output=True,
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
-    who, registry_file, module = proc.stdout.split()
+    who, registry_file, module, synthetic = proc.stdout.split()
     assert who == "mine" and module == "dualmem.utils.errors"
+    assert Path(synthetic) == user / "data" / "synthetic"  # the demo data: not in site-packages
     assert Path(registry_file).resolve().is_relative_to(target.resolve())
 
 

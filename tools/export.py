@@ -11,10 +11,10 @@ the file. The batch size is free; H and W are the run's ``dataset.input_size``. 
 
 Beside it, ``F.json`` (the sidecar) holds what is needed around the graph: preprocessing (input
 size, colour order, resize method, pixel mean/std), the image-score rule (so a score can also be
-recomputed from the map with ``utils.metrics.image_score_from_map``), the per-class and global
-thresholds and class names from the checkpoint, the DualMem version, a SHA-256 of the
-checkpoint's config (canonical JSON) and the parity figures. ``utils.exported_model.run_exported``
-(also ``utils.detector.run_exported``) runs the pair on image files.
+recomputed from the map with ``dualmem.utils.metrics.image_score_from_map``), the per-class and
+global thresholds and class names from the checkpoint, the DualMem version, a SHA-256 of the
+checkpoint's config (canonical JSON) and the parity figures.
+``dualmem.utils.exported_model.run_exported`` (also ``dualmem.utils.detector.run_exported``) runs the pair on image files.
 
 Before anything is written, the exported file is run (ONNX Runtime / ``torch.jit.load``) on
 real test images of the run's data (the test manifest of its config, up to ``--max_images``; or
@@ -26,8 +26,9 @@ closer than 1e-6 of the largest score count as ties) is refused: exit status 1, 
 differences listed, nothing written. Exit 2: a problem with the arguments, checkpoint or data.
 
 Default output: ``RUN/export/<checkpoint name>.onnx`` (``.pt`` for TorchScript). The work is
-``utils.exporting.export_checkpoint`` (graph, tracing, sidecar), checked by
-``utils.export_parity`` against ``utils.detector.Detector`` (the one inference path) in float32.
+``dualmem.utils.exporting.export_checkpoint`` (graph, tracing, sidecar), checked by
+``dualmem.utils.export_parity`` against ``dualmem.utils.detector.Detector`` (the one inference
+path) in float32.
 """
 import argparse
 import sys

@@ -18,8 +18,8 @@ threshold``), ``predictions.csv`` with columns file, class, score, normalized_sc
 is_anomalous, threshold_from, image_threshold, pixel_threshold, overlay, mask, error, and
 ``index.html``: a gallery of the overlays (thumbnails embedded: it opens anywhere, without
 network), sortable by score. ``normalized_score`` maps the decision threshold to 0.5
-(``utils.evaluator.normalized_score``). A missing ``--input``, or one without image files, is
-refused before anything is written.
+(``dualmem.utils.evaluator.normalized_score``). A missing ``--input``, or one without image files,
+is refused before anything is written.
 
 Which thresholds (stored in the checkpoint by the last evaluation during training):
   1. ``--threshold`` / ``--pixel_threshold`` always win (raw score / map units);
@@ -31,8 +31,8 @@ Which thresholds (stored in the checkpoint by the last evaluation during trainin
 Unreadable files get a row with ``error`` filled in; the rest are processed and the exit status
 is 1 when any file failed (2 for usage errors). Greyscale files follow training's rule: a class
 all grey is expanded to three channels (a note says so), a grey file among colour ones is
-refused by name. The work is ``utils.prediction.predict_files``
-on ``utils.detector.load_detector`` (the Python API's one inference path).
+refused by name. The work is ``dualmem.utils.prediction.predict_files``
+on ``dualmem.utils.detector.load_detector`` (the Python API's one inference path).
 """
 import argparse
 import sys

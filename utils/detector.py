@@ -13,10 +13,10 @@ thresholds the last evaluation stored. ``predict`` takes an image file, an RGB `
 (N, 3, H, W) or (3, H, W)); a single image gives a :class:`Prediction`, anything else a list.
 
 One inference path: :meth:`Detector.results` runs the model as the run's evaluation did
-(``utils.inference.anomaly_maps``), reduces each map to an image score by the run's rule
-(``utils.metrics.image_score_from_map``) and decides by :meth:`Decider.judge`. This API,
-``tools/predict.py`` (``utils.prediction``) and the exporter's eager reference
-(``utils.export_parity``) all go through it.
+(``dualmem.utils.inference.anomaly_maps``), reduces each map to an image score by the run's rule
+(``dualmem.utils.metrics.image_score_from_map``) and decides by :meth:`Decider.judge`. This API,
+``tools/predict.py`` (``dualmem.utils.prediction``) and the exporter's eager reference
+(``dualmem.utils.export_parity``) all go through it.
 
 Thresholds (:class:`Decider`): explicit ``threshold`` / ``pixel_threshold`` win; else the
 image's class (``class_name``, or the checkpoint's only class); else the 'global' entry,
@@ -24,8 +24,9 @@ F1-optimal over all classes pooled.
 
 Preprocessing: :func:`preprocess` is the one path from a file or array to the model's input,
 used by this module, ``tools/predict.py`` and the runner of exported models
-(``utils.exported_model.run_exported``, re-exported here): ``datasets.image_io.read_image`` ->
-``datasets.image_io.model_input`` (resize by the config's ``dataset.resize``, a config without
+(``dualmem.utils.exported_model.run_exported``, re-exported here):
+``dualmem.datasets.image_io.read_image`` ->
+``dualmem.datasets.image_io.model_input`` (resize by the config's ``dataset.resize``, a config without
 the key having been trained with ``cv2_linear``; then the checkpoint's pixel mean/std), the very
 function the training dataset calls.
 """
@@ -87,7 +88,7 @@ def load_model(checkpoint, device, trusted=False, plugins=(), expect_net=None):
     config builds only registered DualMem modules unless ``trusted`` or the module is one of
     ``plugins`` (see :mod:`models.registry`). A file that is not DualMem's, or (with
     ``expect_net``, a ``net:`` list) of another method, is refused in one line saying what it
-    is and what was expected (``utils.checkpoint_kind``)."""
+    is and what was expected (``dualmem.utils.checkpoint_kind``)."""
     from easydict import EasyDict
 
     from dualmem.models import ModelHelper
@@ -276,8 +277,8 @@ class Detector:
 
     def __init__(self, model, cfg, state, device, checkpoint=None, threshold=None,
                  pixel_threshold=None, inference=None):
-        """``inference``: how to run the model (``utils.inference`` settings); default: as the
-        checkpoint's evaluation ran it. ``utils.inference.FLOAT32`` is the exporter's."""
+        """``inference``: how to run the model (``dualmem.utils.inference`` settings); default: as
+        the checkpoint's evaluation ran it. ``dualmem.utils.inference.FLOAT32`` is the exporter's."""
         from dualmem.utils.evaluator import evaluator_settings
         from dualmem.utils.inference import settings_of
 

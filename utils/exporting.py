@@ -6,14 +6,15 @@ and ``score`` (N,): the image-score reduction (``evaluator.image_score``: max of
 mean, std or top-k mean) is inside the graph (:class:`ExportGraph`). Memory banks (DMAD) are
 buffers, so they are in the file. The batch size is free; H and W are the run's
 ``dataset.input_size``. The formats, how each is written and run, are the table
-``utils.exported_model.FORMATS``.
+``dualmem.utils.exported_model.FORMATS``.
 
 Beside it, ``F.json`` (the sidecar, :func:`build_sidecar`) holds what is needed around the
 graph: preprocessing (input size, colour order, resize method, pixel mean/std), the image-score
-rule (so a score can also be recomputed from the map with ``utils.metrics.image_score_from_map``),
+rule (so a score can also be recomputed from the map with
+``dualmem.utils.metrics.image_score_from_map``),
 the per-class and global thresholds and class names from the checkpoint, the DualMem version, a
 SHA-256 of the checkpoint's config (canonical JSON) and the parity figures
-(``utils.export_parity``: how the check works and what it refuses).
+(``dualmem.utils.export_parity``: how the check works and what it refuses).
 """
 import copy
 import hashlib
@@ -41,7 +42,7 @@ EXPORT_BATCH = 2    # traced with two images: the batch dimension stays free
 
 # ----------------------------------------------------------------------------- graph
 def image_score_graph(maps, reduction="max", kernel=16, topk=0.01):
-    """``utils.metrics.image_score_from_map`` in torch ops (float32), for the exported graph:
+    """``dualmem.utils.metrics.image_score_from_map`` in torch ops (float32), for the exported graph:
     (N, H, W) -> (N,)."""
     h, w = (int(s) for s in maps.shape[-2:])
     if reduction == "max":
@@ -132,7 +133,8 @@ def config_sha256(config):
 
 
 def sidecar_preprocessing(spec):
-    """The sidecar's ``preprocessing`` entry (``utils.detector.InputSpec.from_dict`` reads it)."""
+    """The sidecar's ``preprocessing`` entry (``dualmem.utils.detector.InputSpec.from_dict`` reads
+    it)."""
     d = spec.to_dict()
     d["steps"] = (f"read ({spec.color_mode}) -> resize to input_size (h, w) by '{spec.resize}' "
                   f"-> float / 255 -> (x - pixel_mean) / pixel_std per channel -> CHW float32")
@@ -156,7 +158,7 @@ def build_sidecar(fmt, output, checkpoint, cfg, state, spec, score_cfg, parity):
         "preprocessing": sidecar_preprocessing(spec),
         "image_score": {**{k: score_cfg.get(k) for k in ("reduction", "kernel", "topk")},
                         "in_graph": True,
-                        "from_map": "utils.metrics.image_score_from_map(anomaly_map, "
+                        "from_map": "dualmem.utils.metrics.image_score_from_map(anomaly_map, "
                                     "reduction, kernel, topk)"},
         "thresholds": jsonable(state.get("thresholds")),
         # the graph computes in float32; the thresholds come from an evaluation that ran as
@@ -228,7 +230,7 @@ def export_checkpoint(run_or_checkpoint, fmt, output=None, images=None, max_imag
                       trusted=False, plugins=()):
     """Export a run folder's ``checkpoints/last.pth`` (or a checkpoint file) to ``output``
     (default :func:`default_output`) in ``fmt``, on the CPU. The file is checked first
-    (``utils.export_parity``, on ``images`` or up to ``max_images`` of the run's test set);
+    (``dualmem.utils.export_parity``, on ``images`` or up to ``max_images`` of the run's test set);
     file and sidecar are written (atomically) only when it passes."""
     from dualmem.utils.detector import as_batch, load_model, resolve_checkpoint
     from dualmem.utils.export_parity import (check_exported, check_images, eager_outputs,
