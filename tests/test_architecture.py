@@ -4,6 +4,7 @@ tools/) stay small."""
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -81,11 +82,15 @@ def test_a_tool_s_checkout_is_the_only_place_dualmem_loads_from(tmp_path):
     proc = run(bind_other + "import dualmem.utils.plots")
     assert proc.returncode != 0 and f"'dualmem.utils.plots' in the checkout {other}" in \
         proc.stderr
-    again = (f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import _checkout;"
-             " import dualmem.utils.plots as p; print(p.__file__)")
-    proc = run("import dualmem.utils.errors; " + again)  # the README's editable install first
-    assert proc.returncode == 0 and proc.stdout.strip() == str(ROOT / "utils" / "plots.py"), \
-        proc.stderr
+    # the README's editable install first, then its checkout's tool: the same checkout
+    again = ("import sys, pathlib, dualmem.utils.errors as e;"
+             " root = pathlib.Path(e.__file__).resolve().parents[1];"
+             " sys.path.insert(0, str(root / 'tools')); import _checkout;"
+             " import dualmem.utils.plots as p; print(root, p.__file__)")
+    proc = run(again)
+    assert proc.returncode == 0, proc.stderr
+    root, plots = proc.stdout.split()
+    assert plots == str(Path(root) / "utils" / "plots.py")
     proc = run("import dualmem.utils.errors; " + bind_other)
     assert proc.returncode != 0 and "dualmem is already imported from" in proc.stderr
 
