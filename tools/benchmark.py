@@ -17,7 +17,6 @@ banks) are filled from random images first.
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 if not __package__:  # run as a script: `dualmem` is this checkout
     import _checkout  # noqa: F401

@@ -16,7 +16,6 @@ share of the memories.
 import argparse
 import platform
 import sys
-from pathlib import Path
 
 if not __package__:  # run as a script: `dualmem` is this checkout
     import _checkout  # noqa: F401

@@ -13,7 +13,6 @@ process ru_maxrss.
 import argparse
 import os
 import platform
-import sys
 import tracemalloc
 
 import numpy as np

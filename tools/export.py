@@ -32,7 +32,6 @@ path) in float32.
 """
 import argparse
 import sys
-from pathlib import Path
 
 if not __package__:  # run as a script: `dualmem` is this checkout
     import _checkout  # noqa: F401

@@ -17,7 +17,6 @@ command into that folder is refused.
 """
 import argparse
 import sys
-from pathlib import Path
 
 if not __package__:  # run as a script: `dualmem` is this checkout
     import _checkout  # noqa: F401

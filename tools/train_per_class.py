@@ -13,7 +13,6 @@ and an interrupted class continues from its last checkpoint. --evaluate writes
 """
 import argparse
 import sys
-from pathlib import Path
 
 if not __package__:  # run as a script: `dualmem` is this checkout
     import _checkout  # noqa: F401

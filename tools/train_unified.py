@@ -10,7 +10,6 @@ The run folder gets the usual results.json / results.md with one row per class a
 """
 import argparse
 import sys
-from pathlib import Path
 
 if not __package__:  # run as a script: `dualmem` is this checkout
     import _checkout  # noqa: F401

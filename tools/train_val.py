@@ -13,7 +13,6 @@ folder RUN/evaluations/<checkpoint>-<time>/; the training run's results are neve
 """
 import argparse
 import sys
-from pathlib import Path
 
 if not __package__:  # run as a script: `dualmem` is this checkout
     import _checkout  # noqa: F401
