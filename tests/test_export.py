@@ -36,19 +36,38 @@ def dumenet_net():
     return net
 
 
-NETS = {"uniad": tiny_net, "dumenet": dumenet_net, "dmad": tiny_dmad_net}
+def dmad_seen_net():
+    """DMAD-lite's score: normal distance + bounded correction + the seen-anomaly bonus."""
+    net = tiny_dmad_net()
+    net[2]["kwargs"].update(score="normal_plus_correction", include_query=False,
+                            knowledge=["distance", "real_distance"], seen_bonus=2.0)
+    return net
+
+
+NETS = {"uniad": tiny_net, "dumenet": dumenet_net, "dmad": tiny_dmad_net,
+        "dmad_seen": dmad_seen_net}
 
 
 def random_model(kind, size=64):
     """A random-weight eval-mode model; DMAD gets small random banks."""
     torch.manual_seed(0)
     model = ModelHelper(NETS[kind](), input_size=[size, size]).eval()
-    if kind == "dmad":
+    if kind.startswith("dmad"):
         head, g = model.head, torch.Generator().manual_seed(1)
         head._set_bank("normal", torch.randn(40, head.dim, generator=g), torch.arange(40),
                        torch.zeros(40))
         head._set_bank("abnormal", torch.randn(20, head.dim, generator=g) + 1,
                        torch.arange(20), torch.zeros(20), torch.zeros(20))
+    if kind == "dmad_seen":  # banks from the net's own patches, half the abnormal ones real
+        x = torch.randn(2, 3, size, size, generator=g)
+        with torch.no_grad():
+            feats = model({"image": x}, stop=2)["feature_align"]
+        q = feats.permute(0, 2, 3, 1).reshape(-1, head.dim)[torch.randperm(
+            feats.shape[0] * feats.shape[2] * feats.shape[3], generator=g)]
+        head._set_bank("normal", q[:40], torch.arange(40), torch.zeros(40))
+        head._set_bank("abnormal", q[40:60], torch.arange(20), torch.zeros(20),
+                       torch.arange(20) % 2)  # pseudo / real
+        head.dist_scale.fill_(float(torch.cdist(q[60:], q[:40]).min(1).values.mean()))
     return model
 
 
@@ -147,9 +166,16 @@ def test_preprocess_is_the_training_datasets(tmp_path, resize):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ("dmad_seen",))
 def test_exported_graph_matches_eager_for_any_batch(tmp_path, kind, fmt):
     model = random_model(kind)
+    if kind == "dmad_seen":  # the bonus is in the graph: some patch gets it
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            feats = model({"image": x}, stop=2)["feature_align"]
+            parts = model.head.knowledge_parts(
+                feats.permute(0, 2, 3, 1).reshape(-1, model.head.dim))
+        assert float(model.head.seen_evidence(parts, 2, *feats.shape[-2:]).max()) > 0
     graph = exporting.ExportGraph(exporting.exportable_copy(model), {"reduction": "max", "kernel": 8})
     path = tmp_path / f"m{FORMATS[fmt][0]}"
     gen = torch.Generator().manual_seed(3)

@@ -100,8 +100,8 @@ class KnowledgeRetrieval:
         return subset
 
     def _select_real(self):
-        keep = torch.isin(self.abnormal_kind, torch.tensor(REAL_KINDS, dtype=torch.int32,
-                                                            device=self.abnormal_kind.device))
+        real = torch.tensor(REAL_KINDS, dtype=torch.int32, device=self.abnormal_kind.device)
+        keep = (self.abnormal_kind.unsqueeze(1) == real).any(1)  # isin: not in ONNX opset 17
         if not bool(keep.any()):
             return None
         return (self.abnormal_bank[keep], self.abnormal_src[keep], self.abnormal_cls[keep],
